@@ -1,0 +1,1 @@
+//! The exported XLA FFI custom calls.

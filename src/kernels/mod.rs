@@ -1,0 +1,1 @@
+//! Compute kernels (FP8 matmul).

@@ -1,0 +1,1 @@
+//! StableHLO graph rewrite: parser, printer and passes.

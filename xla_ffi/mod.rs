@@ -1,0 +1,1 @@
+//! Safe face of the XLA FFI C API.
