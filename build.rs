@@ -6,10 +6,16 @@ fn jaxlib_include_dir() -> PathBuf {
     if let Ok(dir) = env::var("XLA_FFI_INCLUDE") {
         return PathBuf::from(dir);
     }
-    // setuptools-rust exports the interpreter running the Python build as PYO3_PYTHON.
-    let python = env::var("PYO3_PYTHON")
-        .or_else(|_| env::var("PYTHON"))
-        .unwrap_or_else(|_| "python3".to_string());
+    // setuptools-rust exports the interpreter running the Python build as PYO3_PYTHON; a plain
+    // `cargo build` uses the project's venv (made by `./run`) if there is one.
+    let venv = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join(".venv/bin/python");
+    let python = env::var("PYO3_PYTHON").unwrap_or_else(|_| {
+        if venv.is_file() {
+            venv.to_string_lossy().into_owned()
+        } else {
+            "python3".to_string()
+        }
+    });
     let out = Command::new(&python)
         .args([
             "-c",
@@ -43,6 +49,7 @@ fn main() {
         .clang_arg(format!("-I{}", include.display()))
         .allowlist_item("XLA_FFI_.*")
         .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
         .derive_default(true)
         .layout_tests(true)
         .generate()

@@ -1,1 +1,80 @@
-//! The exported XLA FFI custom calls.
+//! The bodies of the exported XLA FFI custom calls. Each takes a decoded [`Call`], checks
+//! every operand, result and attribute against its contract (DESIGN §2), and runs a kernel.
+//! Error messages name the operand or attribute, what was expected and what came; the
+//! custom-call name is prefixed by `xla_ffi`.
+
+mod elementwise;
+pub mod observer;
+
+pub use elementwise::{dequantize, qdq, quantize};
+pub use observer::observe;
+
+use crate::fp8::Format;
+use crate::parallel::{split_range, Parallel};
+use crate::xla_ffi::{DataType, FfiError};
+use std::sync::Mutex;
+
+/// Elements below which a call runs on the calling thread only.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// The FP8 format of an FP8 dtype.
+pub(crate) fn fp8_format(dtype: DataType) -> Option<Format> {
+    match dtype {
+        DataType::F8e4m3fn => Some(Format::E4m3fn),
+        DataType::F8e5m2 => Some(Format::E5m2),
+        _ => None,
+    }
+}
+
+/// A scale attribute must be a finite positive number.
+pub(crate) fn check_scale(name: &str, scale: f32) -> Result<f32, FfiError> {
+    if scale.is_finite() && scale > 0.0 {
+        Ok(scale)
+    } else {
+        Err(FfiError::invalid(format!(
+            "attribute `{name}`: expected a finite positive float, got {scale}"
+        )))
+    }
+}
+
+/// Fails unless two shapes are equal.
+pub(crate) fn check_same_shape(
+    what: &str,
+    dims: &[i64],
+    other: &str,
+    other_dims: &[i64],
+) -> Result<(), FfiError> {
+    if dims == other_dims {
+        Ok(())
+    } else {
+        Err(FfiError::invalid(format!(
+            "{what}: expected shape {other_dims:?} (the shape of {other}), got {dims:?}"
+        )))
+    }
+}
+
+/// Applies `f` to matching chunks of `src` and `dst`, in parallel for large inputs.
+pub(crate) fn par_map<S: Sync, D: Send>(
+    pool: &dyn Parallel,
+    src: &[S],
+    dst: &mut [D],
+    f: impl Fn(&[S], &mut [D]) + Sync,
+) {
+    assert_eq!(src.len(), dst.len(), "par_map: length mismatch");
+    if src.len() < PARALLEL_MIN || pool.workers() <= 1 {
+        f(src, dst);
+        return;
+    }
+    let ranges = split_range(src.len(), pool.workers() * 4, 64);
+    let mut rest = dst;
+    let mut chunks = Vec::with_capacity(ranges.len());
+    for r in &ranges {
+        let (head, tail) = rest.split_at_mut(r.len());
+        chunks.push(Mutex::new(head));
+        rest = tail;
+    }
+    pool.run(ranges.len(), &|i| {
+        let mut out = chunks[i].lock().unwrap_or_else(|p| p.into_inner());
+        f(&src[ranges[i].clone()], &mut out);
+    });
+}

@@ -1,0 +1,46 @@
+/* fp8xla: C declarations of every symbol the fp8xla shared library exports.
+ *
+ * Handlers follow XLA's typed FFI: each takes an XLA_FFI_CallFrame* and returns NULL on
+ * success or an XLA_FFI_Error* (see xla/ffi/api/c_api.h). Register them for platform "cpu",
+ * e.g. from Python:
+ *   jax.ffi.register_ffi_target("fp8xla_qdq", jax.ffi.pycapsule(lib.fp8xla_qdq), platform="cpu")
+ * The contracts (operands, results, attributes) are documented in README.md.
+ */
+#ifndef FP8XLA_H_
+#define FP8XLA_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct XLA_FFI_CallFrame;
+struct XLA_FFI_Error;
+
+/* x: f32|bf16 -> q: f8e4m3fn|f8e5m2 (format = result type); attribute scale (f32 > 0). */
+struct XLA_FFI_Error* fp8xla_quantize(struct XLA_FFI_CallFrame* frame);
+/* q: f8e4m3fn|f8e5m2 -> x: f32|bf16; attribute scale. */
+struct XLA_FFI_Error* fp8xla_dequantize(struct XLA_FFI_CallFrame* frame);
+/* x -> x (f32|bf16), fused quantize+dequantize; attributes scale, format ("e4m3fn"|"e5m2"). */
+struct XLA_FFI_Error* fp8xla_qdq(struct XLA_FFI_CallFrame* frame);
+/* x -> x (f32|bf16), identity recording max|x| under attribute site (i64). */
+struct XLA_FFI_Error* fp8xla_observe(struct XLA_FFI_CallFrame* frame);
+
+/* Number of sites fp8xla_observe has recorded since the last reset. */
+int64_t fp8xla_observer_num_sites(void);
+/* Copies up to `capacity` sites sorted by id: id, largest finite |x|, elements seen, and
+ * NaN/inf elements seen. NULL pointers skip a column. Returns the number of sites written. */
+int64_t fp8xla_observer_read(int64_t* sites, float* amax, int64_t* count, int64_t* nonfinite,
+                             int64_t capacity);
+/* Forgets every recorded site. */
+void fp8xla_observer_reset(void);
+
+/* Instruction set the kernels use on this CPU: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512. */
+int32_t fp8xla_isa_level(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FP8XLA_H_ */

@@ -1,0 +1,155 @@
+"""FP8 operations as jit-able JAX functions backed by fp8xla's XLA custom calls.
+
+Numerics (DESIGN contract, same as ml_dtypes and Intel Neural Compressor):
+``q = sat(RNE(x / scale))`` with saturation to ±max of the format, ``x' = f32(q) * scale``.
+Arguments are checked here, before lowering, so mistakes surface as ``TypeError`` /
+``ValueError`` naming the op; the native handlers check everything again at run time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _library
+
+#: FP8 dtypes by the names fp8xla and Intel Neural Compressor use ("fp8_e4m3" is e4m3fn).
+FORMATS = {
+    "e4m3fn": jnp.float8_e4m3fn,
+    "fp8_e4m3": jnp.float8_e4m3fn,
+    "float8_e4m3fn": jnp.float8_e4m3fn,
+    "e5m2": jnp.float8_e5m2,
+    "fp8_e5m2": jnp.float8_e5m2,
+    "float8_e5m2": jnp.float8_e5m2,
+}
+_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16)
+
+
+def fp8_dtype(fmt) -> np.dtype:
+    """The FP8 dtype for a format name or dtype; ValueError for anything else."""
+    if isinstance(fmt, str):
+        if fmt not in FORMATS:
+            raise ValueError(
+                f"fp8xla: unknown FP8 format {fmt!r}; expected one of {sorted(FORMATS)}"
+            )
+        return np.dtype(FORMATS[fmt])
+    dt = np.dtype(fmt)
+    if dt not in (np.dtype(jnp.float8_e4m3fn), np.dtype(jnp.float8_e5m2)):
+        raise ValueError(
+            f"fp8xla: unsupported FP8 dtype {dt}; expected float8_e4m3fn or float8_e5m2 "
+            "(ml_dtypes.float8_e4m3, without 'fn', is a different format)"
+        )
+    return dt
+
+
+def format_name(dtype) -> str:
+    """'e4m3fn' or 'e5m2' for an FP8 dtype or format name."""
+    return "e4m3fn" if fp8_dtype(dtype) == np.dtype(jnp.float8_e4m3fn) else "e5m2"
+
+
+def max_of(fmt) -> float:
+    """Largest finite value of an FP8 format (448 for e4m3fn, 57344 for e5m2)."""
+    return float(jnp.finfo(fp8_dtype(fmt)).max)
+
+
+def scale_for(amax: float, fmt="e4m3fn") -> float:
+    """INC's per-tensor scale: amax / max_of_format, and 1 when amax is 0."""
+    amax = float(amax)
+    if not math.isfinite(amax) or amax < 0:
+        raise ValueError(f"fp8xla: amax must be finite and >= 0, got {amax}")
+    return 1.0 if amax == 0 else amax / max_of(fmt)
+
+
+def _check_scale(op: str, scale) -> np.float32:
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError(
+            f"fp8xla.{op}: `scale` must be a concrete number (it becomes a compile-time "
+            "attribute), got a traced value; pass it as a static argument"
+        )
+    try:
+        s = np.float32(scale)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"fp8xla.{op}: `scale` must be a number, got {scale!r}") from e
+    if np.ndim(scale) != 0:
+        raise TypeError(f"fp8xla.{op}: `scale` must be a scalar, got shape {np.shape(scale)}")
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"fp8xla.{op}: `scale` must be finite and > 0, got {scale}")
+    return s
+
+
+def _check_float(op: str, name: str, x) -> None:
+    if x.dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"fp8xla.{op}: `{name}` must be float32 or bfloat16, got {x.dtype}")
+
+
+def quantize(x, scale, dtype="e4m3fn"):
+    """FP8 codes of ``x / scale``, saturated: float32|bfloat16 → float8_e4m3fn|float8_e5m2."""
+    x = jnp.asarray(x)
+    _check_float("quantize", "x", x)
+    s = _check_scale("quantize", scale)
+    out = jax.ShapeDtypeStruct(x.shape, fp8_dtype(dtype))
+    return jax.ffi.ffi_call("fp8xla_quantize", out)(x, scale=s)
+
+
+def dequantize(q, scale, dtype=jnp.float32):
+    """``f32(q) * scale``: float8 → float32|bfloat16."""
+    q = jnp.asarray(q)
+    fp8_dtype(q.dtype)
+    s = _check_scale("dequantize", scale)
+    if np.dtype(dtype) not in _FLOAT_INPUTS:
+        raise TypeError(f"fp8xla.dequantize: `dtype` must be float32 or bfloat16, got {dtype}")
+    out = jax.ShapeDtypeStruct(q.shape, np.dtype(dtype))
+    return jax.ffi.ffi_call("fp8xla_dequantize", out)(q, scale=s)
+
+
+def qdq(x, scale, format="e4m3fn"):
+    """Fake quantization in one pass: ``dequantize(quantize(x, scale), scale)``, same dtype."""
+    x = jnp.asarray(x)
+    _check_float("qdq", "x", x)
+    s = _check_scale("qdq", scale)
+    name = format_name(format)
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ffi.ffi_call("fp8xla_qdq", out)(x, scale=s, format=name)
+
+
+def observe(x, site: int):
+    """Identity on ``x`` that records max|x| (and NaN/inf counts) under calibration ``site``."""
+    x = jnp.asarray(x)
+    _check_float("observe", "x", x)
+    if isinstance(site, bool) or not isinstance(site, (int, np.integer)):
+        raise TypeError(f"fp8xla.observe: `site` must be an int, got {site!r}")
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ffi.ffi_call("fp8xla_observe", out, has_side_effect=True)(x, site=np.int64(site))
+
+
+@dataclass(frozen=True)
+class SiteStat:
+    """What `observe` saw at one site since the last reset."""
+
+    amax: float  # largest finite |x|
+    count: int  # elements seen
+    nonfinite: int  # NaN or ±inf elements seen
+
+
+def observer_stats() -> dict[int, SiteStat]:
+    """Every site `observe` has recorded in this process, by site id."""
+    import ctypes
+
+    lib = _library.load()
+    n = lib.fp8xla_observer_num_sites()
+    sites = (ctypes.c_int64 * n)()
+    amax = (ctypes.c_float * n)()
+    count = (ctypes.c_int64 * n)()
+    bad = (ctypes.c_int64 * n)()
+    got = lib.fp8xla_observer_read(sites, amax, count, bad, n)
+    return {
+        int(sites[i]): SiteStat(float(amax[i]), int(count[i]), int(bad[i])) for i in range(got)
+    }
+
+
+def reset_observer() -> None:
+    """Forgets all recorded sites."""
+    _library.load().fp8xla_observer_reset()

@@ -1,0 +1,122 @@
+//! `fp8xla_observe`: identity that records max|x| per calibration site, and the registry the
+//! C API reads. NaN and infinities are counted, not folded into the maximum, so one bad
+//! activation is visible instead of silently turning a scale into NaN.
+use super::{check_same_shape, par_map};
+use crate::xla_ffi::{Call, DataType, FfiError};
+use half::bf16;
+use once_cell::sync::Lazy;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// What one site has seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SiteStat {
+    /// Largest finite |x|.
+    pub amax: f32,
+    /// Elements seen.
+    pub count: u64,
+    /// Elements that were NaN or ±inf.
+    pub nonfinite: u64,
+}
+
+impl SiteStat {
+    fn merge(&mut self, other: SiteStat) {
+        self.amax = self.amax.max(other.amax);
+        self.count += other.count;
+        self.nonfinite += other.nonfinite;
+    }
+
+    fn of(values: impl Iterator<Item = f32>) -> SiteStat {
+        let mut s = SiteStat::default();
+        for v in values {
+            s.count += 1;
+            if v.is_finite() {
+                s.amax = s.amax.max(v.abs());
+            } else {
+                s.nonfinite += 1;
+            }
+        }
+        s
+    }
+}
+
+static SITES: Lazy<Mutex<BTreeMap<i64, SiteStat>>> = Lazy::new(|| Mutex::new(BTreeMap::new()));
+
+fn sites() -> std::sync::MutexGuard<'static, BTreeMap<i64, SiteStat>> {
+    SITES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Adds what a call saw to `site`.
+pub fn record(site: i64, stat: SiteStat) {
+    sites().entry(site).or_default().merge(stat);
+}
+
+/// All sites, sorted by id.
+pub fn snapshot() -> Vec<(i64, SiteStat)> {
+    sites().iter().map(|(k, v)| (*k, *v)).collect()
+}
+
+/// Forgets all sites.
+pub fn reset() {
+    sites().clear();
+}
+
+/// Identity on x (f32|bf16) that records its statistics under the `site` attribute.
+pub fn observe(call: &mut Call<'_>) -> Result<(), FfiError> {
+    call.expect_arity(&[1], 1)?;
+    call.attrs().reject_unknown(&["site"])?;
+    let site = call.attrs().i64("site")?;
+    let x = call.arg(0)?;
+    let (x_dims, x_dtype) = (x.dims(), x.dtype());
+    let y = call.take_ret(0)?;
+    check_same_shape("result 0 (y)", y.dims(), "operand 0 (x)", x_dims)?;
+    if y.dtype() != x_dtype {
+        return Err(FfiError::invalid(format!(
+            "result 0 (y): expected dtype {} (the dtype of operand 0), got {}",
+            x_dtype.name(),
+            y.dtype().name()
+        )));
+    }
+    let total = Mutex::new(SiteStat::default());
+    let add = |s: SiteStat| total.lock().unwrap_or_else(|p| p.into_inner()).merge(s);
+    let pool = call.pool();
+    match x_dtype {
+        DataType::F32 => {
+            let src = call.arg(0)?.slice::<f32>("operand 0 (x)")?;
+            let dst = y.into_slice::<f32>("result 0 (y)")?;
+            par_map(pool, src, dst, |s, d| {
+                d.copy_from_slice(s);
+                add(SiteStat::of(s.iter().copied()));
+            });
+        }
+        DataType::Bf16 => {
+            let src = call.arg(0)?.slice::<bf16>("operand 0 (x)")?;
+            let dst = y.into_slice::<bf16>("result 0 (y)")?;
+            par_map(pool, src, dst, |s, d| {
+                d.copy_from_slice(s);
+                add(SiteStat::of(s.iter().map(|v| v.to_f32())));
+            });
+        }
+        other => {
+            return Err(FfiError::invalid(format!(
+                "operand 0 (x): expected dtype float32 or bfloat16, got {}",
+                other.name()
+            )))
+        }
+    }
+    record(site, total.into_inner().unwrap_or_else(|p| p.into_inner()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ignores_nonfinite_in_max() {
+        let s = SiteStat::of([1.0f32, -3.5, f32::NAN, f32::NEG_INFINITY, 2.0].into_iter());
+        assert_eq!(s.amax, 3.5);
+        assert_eq!(s.count, 5);
+        assert_eq!(s.nonfinite, 2);
+    }
+}
