@@ -27,6 +27,13 @@ struct XLA_FFI_Error* fp8xla_qdq(struct XLA_FFI_CallFrame* frame);
 /* x -> x (f32|bf16), identity recording max|x| under attribute site (i64). */
 struct XLA_FFI_Error* fp8xla_observe(struct XLA_FFI_CallFrame* frame);
 
+/* lhs: f32|bf16 activations, rhs: f8e4m3fn|f8e5m2 weights, [w_scale: f32 per-channel scales]
+ * -> f32|bf16 = dot_general(qdq(lhs, a_scale) or lhs, f32(rhs) * w_scale), f32 accumulation.
+ * Attributes: lhs_contracting_dims, rhs_contracting_dims (i64 arrays), lhs_batching_dims,
+ * rhs_batching_dims (optional), w_scale (f32, per tensor, unless operand 2 is given),
+ * a_scale (optional f32), a_format (optional, default: the weights' format). */
+struct XLA_FFI_Error* fp8xla_matmul(struct XLA_FFI_CallFrame* frame);
+
 /* Number of sites fp8xla_observe has recorded since the last reset. */
 int64_t fp8xla_observer_num_sites(void);
 /* Copies up to `capacity` sites sorted by id: id, largest finite |x|, elements seen, and

@@ -26,6 +26,7 @@ export_handlers! {
     fp8xla_dequantize => handlers::dequantize,
     fp8xla_qdq => handlers::qdq,
     fp8xla_observe => handlers::observe,
+    fp8xla_matmul => handlers::matmul,
 }
 
 /// Number of sites `fp8xla_observe` has recorded since the last reset.

@@ -13,6 +13,7 @@ TARGETS = (
     "fp8xla_dequantize",
     "fp8xla_qdq",
     "fp8xla_observe",
+    "fp8xla_matmul",
 )
 
 _lib: ctypes.CDLL | None = None

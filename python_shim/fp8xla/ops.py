@@ -153,3 +153,93 @@ def observer_stats() -> dict[int, SiteStat]:
 def reset_observer() -> None:
     """Forgets all recorded sites."""
     _library.load().fp8xla_observer_reset()
+
+
+def quantize_weight(w, fmt="e4m3fn", channel_axes=None):
+    """Quantizes a weight on the host, INC-style: scale = amax / max_of_format.
+
+    With ``channel_axes=None`` one scale for the tensor (returned as a Python float);
+    otherwise one scale per index of ``channel_axes`` (the output channels, e.g. the rhs free
+    dims of the matmul), returned as a float32 array of those axes' shape. Returns
+    ``(codes, scale)`` with codes of the FP8 dtype."""
+    w = np.asarray(w, dtype=np.float32)
+    dt = fp8_dtype(fmt)
+    m = np.float32(max_of(fmt))
+    if channel_axes is None:
+        scale = np.float32(scale_for(float(np.max(np.abs(w), initial=0.0)), fmt))
+        return np.clip(w / scale, -m, m).astype(dt), float(scale)
+    axes = tuple(a % w.ndim for a in np.atleast_1d(channel_axes))
+    reduce = tuple(a for a in range(w.ndim) if a not in axes)
+    amax = np.max(np.abs(w), axis=reduce, keepdims=True, initial=0.0)
+    scale = np.where(amax == 0, np.float32(1), amax / m).astype(np.float32)
+    codes = np.clip(w / scale, -m, m).astype(dt)
+    return codes, np.squeeze(scale, axis=reduce)
+
+
+def _dot_general_shape(lhs_shape, rhs_shape, dimension_numbers):
+    (lc, rc), (lb, rb) = dimension_numbers
+    for a, b in zip(lc, rc):
+        if lhs_shape[a] != rhs_shape[b]:
+            raise ValueError(
+                f"fp8xla.fp8_matmul: contracting dims differ: lhs dim {a} has size "
+                f"{lhs_shape[a]}, rhs dim {b} has size {rhs_shape[b]}"
+            )
+    batch = [lhs_shape[a] for a in lb]
+    lhs_free = [lhs_shape[a] for a in range(len(lhs_shape)) if a not in lc and a not in lb]
+    rhs_free = [rhs_shape[a] for a in range(len(rhs_shape)) if a not in rc and a not in rb]
+    return tuple(batch + lhs_free + rhs_free), int(np.prod(batch + rhs_free, dtype=np.int64))
+
+
+def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_format=None,
+               out_dtype=None):
+    """``dot_general(lhs', f32(rhs) * w_scale)`` with FP8 weights and float32 accumulation.
+
+    ``lhs`` is float32|bfloat16 activations, ``rhs`` float8_e4m3fn|float8_e5m2 weights.
+    ``dimension_numbers`` is ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``
+    as in ``jax.lax.dot_general``; default: contract the last lhs dim with the first rhs dim.
+    ``w_scale``: a number (per tensor) or an array with one scale per output channel (rhs
+    batch dims × rhs free dims). ``a_scale``: if given, the activations are quantized to FP8
+    (``a_format``, default the weights' format) and back first — INC's static activation
+    quantization. The result has ``out_dtype`` (default: ``lhs.dtype``)."""
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    _check_float("fp8_matmul", "lhs", lhs)
+    try:
+        fp8_dtype(rhs.dtype)
+    except ValueError:
+        raise TypeError(
+            f"fp8xla.fp8_matmul: `rhs` must be float8_e4m3fn or float8_e5m2, got {rhs.dtype}"
+        ) from None
+    if dimension_numbers is None:
+        dimension_numbers = (((lhs.ndim - 1,), (0,)), ((), ()))
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
+    for name, axes, nd in (("lhs", lc + lb, lhs.ndim), ("rhs", rc + rb, rhs.ndim)):
+        if any(not 0 <= a < nd for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"fp8xla.fp8_matmul: bad {name} dims {axes} for rank {nd}")
+    shape, channels = _dot_general_shape(lhs.shape, rhs.shape, ((lc, rc), (lb, rb)))
+    out_dtype = np.dtype(out_dtype or lhs.dtype)
+    if out_dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"fp8xla.fp8_matmul: `out_dtype` must be float32 or bfloat16, got {out_dtype}")
+    attrs = dict(
+        lhs_contracting_dims=np.array(lc, np.int64),
+        rhs_contracting_dims=np.array(rc, np.int64),
+        lhs_batching_dims=np.array(lb, np.int64),
+        rhs_batching_dims=np.array(rb, np.int64),
+    )
+    if a_scale is not None:
+        attrs["a_scale"] = _check_scale("fp8_matmul", a_scale)
+        if a_format is not None:
+            attrs["a_format"] = format_name(a_format)
+    operands = [lhs, rhs]
+    if np.ndim(w_scale) == 0 and not isinstance(w_scale, jax.Array):
+        attrs["w_scale"] = _check_scale("fp8_matmul", w_scale)
+    else:
+        w_scale = jnp.asarray(w_scale, jnp.float32)
+        if w_scale.size != channels:
+            raise ValueError(
+                f"fp8xla.fp8_matmul: per-channel `w_scale` must have {channels} entries "
+                f"(rhs batch x output channels), got shape {w_scale.shape}"
+            )
+        operands.append(w_scale.reshape(-1))
+    out = jax.ShapeDtypeStruct(shape, out_dtype)
+    return jax.ffi.ffi_call("fp8xla_matmul", out)(*operands, **attrs)

@@ -4,9 +4,11 @@
 //! custom-call name is prefixed by `xla_ffi`.
 
 mod elementwise;
+mod matmul;
 pub mod observer;
 
 pub use elementwise::{dequantize, qdq, quantize};
+pub use matmul::matmul;
 pub use observer::observe;
 
 use crate::fp8::Format;

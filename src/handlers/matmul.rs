@@ -1,0 +1,398 @@
+//! `fp8xla_matmul`: `dot_general(qdq(lhs, a_scale) or lhs, f32(rhs) * w_scale)` with float32
+//! accumulation, for FP8 weights `rhs`.
+//!
+//! Dimension numbers follow `stablehlo.dot_general`. The activations are gathered into a packed
+//! `[batch, m, k]` float32 panel (converting bf16 and applying the activation QDQ on the way);
+//! the weights are never copied, so their layout must already be kernel-friendly:
+//! `[batch dims (leading, in order), outer free dims, contracting dims (contiguous), inner free
+//! dims]`. That covers every weight use in Keras-Hub models (q/k/v `[2] x [1]`, attention out
+//! `[3, 2] x [1, 0]`, FFN `[2] x [0]`, tied logits `[2] x [1]`); anything else is refused with
+//! an error rather than silently copied.
+use super::{check_scale, fp8_format};
+use crate::fp8::{self, Format};
+use crate::kernels::matmul::{fp8_matmul, Fp8Weights, WeightScale};
+use crate::xla_ffi::{Call, DataType, FfiError};
+use half::bf16;
+
+const ATTRS: &[&str] = &[
+    "a_format",
+    "a_scale",
+    "lhs_batching_dims",
+    "lhs_contracting_dims",
+    "rhs_batching_dims",
+    "rhs_contracting_dims",
+    "w_scale",
+];
+
+/// Dimension numbers resolved against the operand shapes.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Plan {
+    /// Offsets (in lhs elements) of each batch index, each row (free index) and each
+    /// contraction index, in the packed `[batch, m, k]` order.
+    batch_offsets: Vec<usize>,
+    row_offsets: Vec<usize>,
+    k_offsets: Vec<usize>,
+    /// Weight shape as `[batch, outer, k, inner]`.
+    outer: usize,
+    k: usize,
+    inner: usize,
+    /// Expected result shape.
+    out_dims: Vec<i64>,
+}
+
+impl Plan {
+    fn batch(&self) -> usize {
+        self.batch_offsets.len()
+    }
+    fn m(&self) -> usize {
+        self.row_offsets.len()
+    }
+    fn n(&self) -> usize {
+        self.outer * self.inner
+    }
+    /// Whether the lhs already is a contiguous `[batch, m, k]` array.
+    fn lhs_is_packed(&self) -> bool {
+        let (m, k) = (self.m(), self.k);
+        self.k_offsets.iter().enumerate().all(|(i, &o)| o == i)
+            && self.row_offsets.iter().enumerate().all(|(i, &o)| o == i * k)
+            && self.batch_offsets.iter().enumerate().all(|(i, &o)| o == i * m * k)
+    }
+}
+
+fn dims_usize(dims: &[i64]) -> Vec<usize> {
+    dims.iter().map(|&d| d as usize).collect()
+}
+
+fn row_major_strides(dims: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    strides
+}
+
+/// Offsets of every index of the sub-array spanned by `axes` (row-major over `axes` order).
+fn offsets(axes: &[usize], dims: &[usize], strides: &[usize]) -> Vec<usize> {
+    let mut out = vec![0usize];
+    for &a in axes {
+        out = out
+            .iter()
+            .flat_map(|&base| (0..dims[a]).map(move |i| base + i * strides[a]))
+            .collect();
+    }
+    out
+}
+
+fn check_axes(what: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>, FfiError> {
+    let mut seen = vec![false; rank];
+    axes.iter()
+        .map(|&a| {
+            let i = usize::try_from(a).ok().filter(|&i| i < rank).ok_or_else(|| {
+                FfiError::invalid(format!(
+                    "attribute `{what}`: dimension {a} is out of range for rank {rank}"
+                ))
+            })?;
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(FfiError::invalid(format!(
+                    "attribute `{what}`: dimension {a} appears twice"
+                )));
+            }
+            Ok(i)
+        })
+        .collect()
+}
+
+/// Resolves the dimension numbers against the shapes; every mismatch is an error naming the
+/// attribute or operand.
+pub(crate) fn plan(
+    lhs_dims: &[i64],
+    rhs_dims: &[i64],
+    lhs_contracting: &[i64],
+    rhs_contracting: &[i64],
+    lhs_batching: &[i64],
+    rhs_batching: &[i64],
+) -> Result<Plan, FfiError> {
+    let (ld, rd) = (dims_usize(lhs_dims), dims_usize(rhs_dims));
+    let lc = check_axes("lhs_contracting_dims", lhs_contracting, ld.len())?;
+    let rc = check_axes("rhs_contracting_dims", rhs_contracting, rd.len())?;
+    let lb = check_axes("lhs_batching_dims", lhs_batching, ld.len())?;
+    let rb = check_axes("rhs_batching_dims", rhs_batching, rd.len())?;
+    if lc.len() != rc.len() {
+        return Err(FfiError::invalid(format!(
+            "lhs_contracting_dims {lhs_contracting:?} and rhs_contracting_dims \
+             {rhs_contracting:?} must have the same length"
+        )));
+    }
+    if lb.len() != rb.len() {
+        return Err(FfiError::invalid(format!(
+            "lhs_batching_dims {lhs_batching:?} and rhs_batching_dims {rhs_batching:?} must \
+             have the same length"
+        )));
+    }
+    if let Some(d) = lc.iter().find(|d| lb.contains(d)) {
+        return Err(FfiError::invalid(format!(
+            "lhs dimension {d} is both contracting and batching"
+        )));
+    }
+    if let Some(d) = rc.iter().find(|d| rb.contains(d)) {
+        return Err(FfiError::invalid(format!(
+            "rhs dimension {d} is both contracting and batching"
+        )));
+    }
+    for (kind, l, r) in [("contracting", &lc, &rc), ("batching", &lb, &rb)] {
+        for (&a, &b) in l.iter().zip(r.iter()) {
+            if ld[a] != rd[b] {
+                return Err(FfiError::invalid(format!(
+                    "{kind} dimension sizes differ: operand 0 (lhs) dim {a} has size {} but \
+                     operand 1 (rhs) dim {b} has size {} (lhs shape {lhs_dims:?}, rhs shape \
+                     {rhs_dims:?})",
+                    ld[a], rd[b]
+                )));
+            }
+        }
+    }
+    // The weights are used in place: batch dims must lead, contracting dims be contiguous.
+    if rb.iter().enumerate().any(|(i, &d)| d != i) {
+        return Err(FfiError::invalid(format!(
+            "operand 1 (rhs): batching dims must be the leading dims in order, got \
+             rhs_batching_dims {rhs_batching:?}"
+        )));
+    }
+    let mut rc_sorted = rc.clone();
+    rc_sorted.sort_unstable();
+    if rc_sorted.windows(2).any(|w| w[1] != w[0] + 1) {
+        return Err(FfiError::invalid(format!(
+            "operand 1 (rhs): contracting dims must be adjacent, got rhs_contracting_dims \
+             {rhs_contracting:?}"
+        )));
+    }
+    let nb = rb.len();
+    let k_start = rc_sorted.first().copied().unwrap_or(rd.len());
+    let k_end = k_start + rc_sorted.len();
+    let outer: usize = rd[nb..k_start].iter().product();
+    let inner: usize = rd[k_end..].iter().product();
+    let k: usize = rc_sorted.iter().map(|&d| rd[d]).product();
+    // Contract lhs in the weights' physical order.
+    let lhs_k_axes: Vec<usize> = rc_sorted
+        .iter()
+        .map(|d| lc[rc.iter().position(|x| x == d).unwrap_or(0)])
+        .collect();
+    let lhs_free: Vec<usize> = (0..ld.len())
+        .filter(|d| !lc.contains(d) && !lb.contains(d))
+        .collect();
+    let strides = row_major_strides(&ld);
+    let mut out_dims: Vec<i64> = lb.iter().map(|&d| ld[d] as i64).collect();
+    out_dims.extend(lhs_free.iter().map(|&d| ld[d] as i64));
+    out_dims.extend(
+        (nb..rd.len())
+            .filter(|d| !rc.contains(d))
+            .map(|d| rd[d] as i64),
+    );
+    Ok(Plan {
+        batch_offsets: offsets(&lb, &ld, &strides),
+        row_offsets: offsets(&lhs_free, &ld, &strides),
+        k_offsets: offsets(&lhs_k_axes, &ld, &strides),
+        outer,
+        k,
+        inner,
+        out_dims,
+    })
+}
+
+/// Gathers the lhs into a packed float32 `[batch, m, k]` panel.
+fn pack_lhs<T: Copy>(plan: &Plan, lhs: &[T], to_f32: impl Fn(T) -> f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(plan.batch() * plan.m() * plan.k);
+    for &b in &plan.batch_offsets {
+        for &r in &plan.row_offsets {
+            let base = b + r;
+            out.extend(plan.k_offsets.iter().map(|&c| to_f32(lhs[base + c])));
+        }
+    }
+    out
+}
+
+/// The FP8 weight matmul custom call.
+pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
+    call.expect_arity(&[2, 3], 1)?;
+    let attrs = call.attrs();
+    attrs.reject_unknown(ATTRS)?;
+    let lhs = call.arg(0)?;
+    let rhs = call.arg(1)?;
+    let format = fp8_format(rhs.dtype()).ok_or_else(|| {
+        FfiError::invalid(format!(
+            "operand 1 (rhs): expected dtype float8_e4m3fn or float8_e5m2, got {}",
+            rhs.dtype().name()
+        ))
+    })?;
+    if !matches!(lhs.dtype(), DataType::F32 | DataType::Bf16) {
+        return Err(FfiError::invalid(format!(
+            "operand 0 (lhs): expected dtype float32 or bfloat16, got {}",
+            lhs.dtype().name()
+        )));
+    }
+    let plan = plan(
+        lhs.dims(),
+        rhs.dims(),
+        &attrs.i64_array("lhs_contracting_dims")?,
+        &attrs.i64_array("rhs_contracting_dims")?,
+        &attrs.opt_i64_array("lhs_batching_dims")?.unwrap_or_default(),
+        &attrs.opt_i64_array("rhs_batching_dims")?.unwrap_or_default(),
+    )?;
+    let a_scale = attrs.opt_f32("a_scale")?.map(|s| check_scale("a_scale", s)).transpose()?;
+    let a_format = match attrs.opt_str("a_format")? {
+        None => format,
+        Some(name) => Format::parse(name).ok_or_else(|| {
+            FfiError::invalid(format!(
+                "attribute `a_format`: expected \"e4m3fn\" or \"e5m2\", got {name:?}"
+            ))
+        })?,
+    };
+    let scale_vec;
+    let w_scale = match (attrs.opt_f32("w_scale")?, call.num_args()) {
+        (Some(s), 2) => WeightScale::PerTensor(check_scale("w_scale", s)?),
+        (None, 3) => {
+            let v = call.arg(2)?;
+            let want = plan.batch() * plan.n();
+            if v.dtype() != DataType::F32 || v.len() != want {
+                return Err(FfiError::invalid(format!(
+                    "operand 2 (w_scale): expected {want} float32 per-channel scales (rhs \
+                     batch x output channels), got {} of dtype {} (shape {:?})",
+                    v.len(),
+                    v.dtype().name(),
+                    v.dims()
+                )));
+            }
+            scale_vec = v.slice::<f32>("operand 2 (w_scale)")?;
+            if let Some((i, s)) = scale_vec
+                .iter()
+                .enumerate()
+                .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+            {
+                return Err(FfiError::invalid(format!(
+                    "operand 2 (w_scale): scale {i} must be finite and > 0, got {s}"
+                )));
+            }
+            WeightScale::PerChannel(scale_vec)
+        }
+        (Some(_), _) => {
+            return Err(FfiError::invalid(
+                "give the weight scale either as attribute `w_scale` (per tensor) or as \
+                 operand 2 (per channel), not both",
+            ))
+        }
+        (None, _) => {
+            return Err(FfiError::invalid(
+                "missing weight scale: attribute `w_scale` (per tensor) or operand 2 (per \
+                 channel)",
+            ))
+        }
+    };
+    let out = call.take_ret(0)?;
+    if out.dims() != plan.out_dims.as_slice() {
+        return Err(FfiError::invalid(format!(
+            "result 0: expected shape {:?} (dot_general of lhs {:?} and rhs {:?}), got {:?}",
+            plan.out_dims,
+            lhs.dims(),
+            rhs.dims(),
+            out.dims()
+        )));
+    }
+    let weights = Fp8Weights {
+        data: rhs.slice::<u8>("operand 1 (rhs)")?,
+        format,
+        batch: plan.batch(),
+        outer: plan.outer,
+        k: plan.k,
+        inner: plan.inner,
+    };
+    let mut packed = match lhs.dtype() {
+        DataType::F32 => {
+            let src = lhs.slice::<f32>("operand 0 (lhs)")?;
+            if plan.lhs_is_packed() && a_scale.is_none() {
+                None
+            } else {
+                Some(pack_lhs(&plan, src, |x| x))
+            }
+        }
+        _ => Some(pack_lhs(&plan, lhs.slice::<bf16>("operand 0 (lhs)")?, bf16::to_f32)),
+    };
+    if let (Some(s), Some(p)) = (a_scale, packed.as_mut()) {
+        let src = p.clone();
+        fp8::qdq(a_format, s, &src, p);
+    }
+    let lhs_f32: &[f32] = match &packed {
+        Some(p) => p,
+        None => lhs.slice::<f32>("operand 0 (lhs)")?,
+    };
+    let pool = call.pool();
+    match out.dtype() {
+        DataType::F32 => {
+            let dst = out.into_slice::<f32>("result 0")?;
+            fp8_matmul(pool, lhs_f32, plan.m(), &weights, w_scale, dst);
+        }
+        DataType::Bf16 => {
+            let mut tmp = vec![0f32; out.len()];
+            fp8_matmul(pool, lhs_f32, plan.m(), &weights, w_scale, &mut tmp);
+            let dst = out.into_slice::<bf16>("result 0")?;
+            for (d, s) in dst.iter_mut().zip(&tmp) {
+                *d = bf16::from_f32(*s);
+            }
+        }
+        other => {
+            return Err(FfiError::invalid(format!(
+                "result 0: expected dtype float32 or bfloat16, got {}",
+                other.name()
+            )))
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemma_patterns_use_weights_in_place() {
+        // q/k/v: x[B,T,640] . w[4,640,256], contracting [2] x [1]
+        let p = plan(&[2, 3, 640], &[4, 640, 256], &[2], &[1], &[], &[]).unwrap();
+        assert_eq!((p.outer, p.k, p.inner), (4, 640, 256));
+        assert_eq!(p.out_dims, vec![2, 3, 4, 256]);
+        assert!(p.lhs_is_packed());
+        // attention output: x[B,T,4,256] . w[4,256,640], contracting [3, 2] x [1, 0]
+        let p = plan(&[2, 3, 4, 256], &[4, 256, 640], &[3, 2], &[1, 0], &[], &[]).unwrap();
+        assert_eq!((p.outer, p.k, p.inner), (1, 1024, 640));
+        assert_eq!(p.out_dims, vec![2, 3, 640]);
+        assert!(p.lhs_is_packed(), "pairs sorted by rhs order give lhs dims 2, 3");
+        // tied logits: x[B,T,640] . emb[262144,640], contracting [2] x [1]
+        let p = plan(&[1, 1, 640], &[262144, 640], &[2], &[1], &[], &[]).unwrap();
+        assert_eq!((p.outer, p.k, p.inner), (262144, 640, 1));
+        // batched: x[5,3,8] . w[5,8,7], batch [0] x [0], contracting [2] x [1]
+        let p = plan(&[5, 3, 8], &[5, 8, 7], &[2], &[1], &[0], &[0]).unwrap();
+        assert_eq!((p.batch(), p.m(), p.outer, p.k, p.inner), (5, 3, 1, 8, 7));
+        assert_eq!(p.out_dims, vec![5, 3, 7]);
+    }
+
+    #[test]
+    fn lhs_contracting_first_is_gathered() {
+        // lhs [K=3, M=2] contracting dim 0 against w[3, 4].
+        let p = plan(&[3, 2], &[3, 4], &[0], &[0], &[], &[]).unwrap();
+        assert!(!p.lhs_is_packed());
+        let lhs: Vec<f32> = (0..6).map(|x| x as f32).collect(); // lhs[k][m] = 2k + m
+        assert_eq!(pack_lhs(&p, &lhs, |x| x), vec![0., 2., 4., 1., 3., 5.]);
+    }
+
+    #[test]
+    fn bad_dimension_numbers_are_named() {
+        let e = plan(&[2, 8], &[9, 4], &[1], &[0], &[], &[]).unwrap_err();
+        assert!(e.message.contains("contracting dimension sizes differ"), "{}", e.message);
+        let e = plan(&[2, 8], &[8, 4], &[2], &[0], &[], &[]).unwrap_err();
+        assert!(e.message.contains("`lhs_contracting_dims`: dimension 2 is out of range"));
+        let e = plan(&[2, 8], &[8, 4], &[1, 1], &[0, 1], &[], &[]).unwrap_err();
+        assert!(e.message.contains("appears twice"));
+        let e = plan(&[2, 8, 3], &[8, 4, 3], &[1, 2], &[0, 2], &[], &[]).unwrap_err();
+        assert!(e.message.contains("contracting dims must be adjacent"), "{}", e.message);
+        let e = plan(&[5, 3, 8], &[8, 5, 7], &[2], &[0], &[0], &[1]).unwrap_err();
+        assert!(e.message.contains("batching dims must be the leading dims"));
+    }
+}
