@@ -3,6 +3,52 @@
 //! Semantics follow `ml_dtypes` bit for bit. Quantization is `q = sat(RNE(x / scale))`: the
 //! division is an IEEE f32 division (not a multiply by the reciprocal), values are clamped to
 //! ±max of the format before rounding, NaN stays NaN.
+//!
+//! Every conversion has a scalar reference and AVX2 / AVX-512 versions that equal it bit for
+//! bit (NaN payloads aside); the plain functions pick the path from [`Isa::detect`], the
+//! `*_with` functions take it explicitly (an `isa` the CPU lacks is lowered to one it has).
+
+use crate::cpu::Isa;
+use half::bf16;
+
+/// Runs `$body` over `$src`/`$dst` in blocks of `$n` elements, `$s`/`$d` bound to raw
+/// pointers to the block; the last partial block goes through zero-padded stack buffers, so
+/// a vector body that reads and writes exactly `$n` elements never leaves the slices.
+/// Must be expanded inside an `unsafe fn` whose slices have equal lengths.
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_blocks {
+    ($n:literal, $src:expr, $dst:expr, $zs:expr, $zd:expr, |$s:ident, $d:ident| $body:block) => {{
+        let (src, dst) = ($src, $dst);
+        let len = src.len();
+        debug_assert_eq!(len, dst.len());
+        let full = len - len % $n;
+        let mut i = 0;
+        while i < full {
+            let $s = src.as_ptr().add(i);
+            let $d = dst.as_mut_ptr().add(i);
+            $body
+            i += $n;
+        }
+        if full < len {
+            let rem = len - full;
+            let mut sbuf = [$zs; $n];
+            let mut dbuf = [$zd; $n];
+            sbuf[..rem].copy_from_slice(&src[full..]);
+            {
+                let $s = sbuf.as_ptr();
+                let $d = dbuf.as_mut_ptr();
+                $body
+            }
+            dst[full..].copy_from_slice(&dbuf[..rem]);
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
 
 /// The two FP8 formats fp8xla computes with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,22 +126,210 @@ pub fn decode_table(format: Format) -> [f32; 256] {
     std::array::from_fn(|c| decode(format, c as u8))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Per-format constants of the f32 → FP8 rounding, shared by the scalar and vector paths.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Params {
+    pub(crate) format: Format,
+    /// f32 bits of the largest finite value.
+    pub(crate) max_bits: u32,
+    /// f32 bits of the smallest normal value.
+    pub(crate) min_normal_bits: u32,
+    /// 23 - mantissa bits: how many f32 mantissa bits rounding drops in the normal range.
+    pub(crate) shift: u32,
+    /// Half an FP8 ulp minus one, in f32 mantissa units (normal range).
+    pub(crate) half_ulp: u32,
+    /// Mask keeping the f32 bits that survive rounding in the normal range.
+    pub(crate) keep_mask: u32,
+    /// `(127 - bias) << mantissa bits`: turns a shifted f32 exponent/mantissa into the code.
+    pub(crate) rebias: u32,
+    /// `151 - bias - mantissa bits`: subnormal right shift of the 24-bit significand is
+    /// `sub_base - f32 exponent field`.
+    pub(crate) sub_base: u32,
+    /// Code of NaN (without sign).
+    pub(crate) nan_code: u32,
+    /// Value of the smallest subnormal, `2^(1 - bias - mantissa bits)`.
+    pub(crate) quantum: f32,
+}
 
-    #[test]
-    fn known_codes() {
-        assert_eq!(decode(Format::E4m3fn, 0x7E), 448.0);
-        assert_eq!(decode(Format::E4m3fn, 0x01), 2f32.powi(-9));
-        assert_eq!(decode(Format::E4m3fn, 0x38), 1.0);
-        assert!(decode(Format::E4m3fn, 0xFF).is_nan());
-        assert_eq!(decode(Format::E5m2, 0x7B), 57344.0);
-        assert_eq!(decode(Format::E5m2, 0x7C), f32::INFINITY);
-        assert_eq!(decode(Format::E5m2, 0xFC), f32::NEG_INFINITY);
-        assert!(decode(Format::E5m2, 0x7D).is_nan());
-        assert_eq!(decode(Format::E5m2, 0x01), 2f32.powi(-16));
-        assert_eq!(decode(Format::E5m2, 0x3C), 1.0);
-        assert_eq!(decode(Format::E5m2, 0x80).to_bits(), (-0.0f32).to_bits());
+impl Params {
+    pub(crate) fn new(format: Format) -> Params {
+        let (bias, mbits) = format.layout();
+        let shift = 23 - mbits;
+        Params {
+            format,
+            max_bits: format.max().to_bits(),
+            min_normal_bits: ((127 + 1 - bias) as u32) << 23,
+            shift,
+            half_ulp: (1 << (shift - 1)) - 1,
+            keep_mask: !((1u32 << shift) - 1),
+            rebias: ((127 - bias) as u32) << mbits,
+            sub_base: (151 - bias) as u32 - mbits,
+            nan_code: match format {
+                Format::E4m3fn => 0x7F,
+                Format::E5m2 => 0x7E,
+            },
+            quantum: f32::from_bits(((127 + 1 - bias - mbits as i32) as u32) << 23),
+        }
     }
 }
+
+/// The reciprocal of `scale` when multiplying by it is exactly the same as dividing by `scale`
+/// for every f32 `x`: `scale` a normal power of two, so `1/scale` is exact and `x * (1/scale)`
+/// rounds the same real number as `x / scale`.
+pub(crate) fn exact_reciprocal(scale: f32) -> Option<f32> {
+    let bits = scale.to_bits();
+    let exp = (bits >> 23) & 0xFF;
+    (bits & 0x007F_FFFF == 0 && (1..=254).contains(&exp)).then(|| 1.0 / scale)
+}
+
+/// The path actually taken for a requested `isa`: never above what this CPU supports.
+fn effective(isa: Isa) -> Isa {
+    isa.min(Isa::supported())
+}
+
+/// `sat(RNE(x))`: the FP8 code nearest to `x` (ties to even), `x` clamped to ±max first so
+/// ±infinity gives ±max; ±0 keeps its sign; NaN gives a NaN code.
+pub fn encode(format: Format, x: f32) -> u8 {
+    scalar::encode_bits(&Params::new(format), x.to_bits())
+}
+
+/// `dst[i] = sat(RNE(src[i] / scale))` with an IEEE f32 division.
+pub fn quantize(format: Format, scale: f32, src: &[f32], dst: &mut [u8]) {
+    quantize_with(Isa::detect(), format, scale, src, dst)
+}
+
+/// As [`quantize`] on bf16 input (converted to f32 exactly first).
+pub fn quantize_bf16(format: Format, scale: f32, src: &[bf16], dst: &mut [u8]) {
+    quantize_bf16_with(Isa::detect(), format, scale, src, dst)
+}
+
+/// `dst[i] = decode(src[i]) * scale` (one f32 multiply).
+pub fn dequantize(format: Format, scale: f32, src: &[u8], dst: &mut [f32]) {
+    dequantize_with(Isa::detect(), format, scale, src, dst)
+}
+
+/// As [`dequantize`], the f32 product rounded to bf16 to nearest even.
+pub fn dequantize_bf16(format: Format, scale: f32, src: &[u8], dst: &mut [bf16]) {
+    dequantize_bf16_with(Isa::detect(), format, scale, src, dst)
+}
+
+/// `dequantize(quantize(x))` in one pass.
+pub fn qdq(format: Format, scale: f32, src: &[f32], dst: &mut [f32]) {
+    qdq_with(Isa::detect(), format, scale, src, dst)
+}
+
+/// `dequantize_bf16(quantize_bf16(x))` in one pass.
+pub fn qdq_bf16(format: Format, scale: f32, src: &[bf16], dst: &mut [bf16]) {
+    qdq_bf16_with(Isa::detect(), format, scale, src, dst)
+}
+
+/// [`quantize`] on the given path.
+pub fn quantize_with(isa: Isa, format: Format, scale: f32, src: &[f32], dst: &mut [u8]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8::quantize: src and dst lengths differ"
+    );
+    let p = Params::new(format);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx512 when the CPU has AVX-512 F/BW/VL + AVX2/FMA/F16C.
+        Isa::Avx512 => unsafe { avx512::quantize(&p, scale, src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx2 when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::quantize(&p, scale, src, dst) },
+        _ => scalar::quantize(&p, scale, src, dst),
+    }
+}
+
+/// [`quantize_bf16`] on the given path.
+pub fn quantize_bf16_with(isa: Isa, format: Format, scale: f32, src: &[bf16], dst: &mut [u8]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8::quantize_bf16: src and dst lengths differ"
+    );
+    let p = Params::new(format);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx512 when the CPU has AVX-512 F/BW/VL + AVX2/FMA/F16C.
+        Isa::Avx512 => unsafe { avx512::quantize_bf16(&p, scale, src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx2 when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::quantize_bf16(&p, scale, src, dst) },
+        _ => scalar::quantize_bf16(&p, scale, src, dst),
+    }
+}
+
+/// [`dequantize`] on the given path.
+pub fn dequantize_with(isa: Isa, format: Format, scale: f32, src: &[u8], dst: &mut [f32]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8::dequantize: src and dst lengths differ"
+    );
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx512 when the CPU has AVX-512 F/BW/VL + AVX2/FMA/F16C.
+        Isa::Avx512 => unsafe { avx512::dequantize(format, scale, src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx2 when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::dequantize(format, scale, src, dst) },
+        _ => scalar::dequantize(format, scale, src, dst),
+    }
+}
+
+/// [`dequantize_bf16`] on the given path.
+pub fn dequantize_bf16_with(isa: Isa, format: Format, scale: f32, src: &[u8], dst: &mut [bf16]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8::dequantize_bf16: src and dst lengths differ"
+    );
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx512 when the CPU has AVX-512 F/BW/VL + AVX2/FMA/F16C.
+        Isa::Avx512 => unsafe { avx512::dequantize_bf16(format, scale, src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx2 when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::dequantize_bf16(format, scale, src, dst) },
+        _ => scalar::dequantize_bf16(format, scale, src, dst),
+    }
+}
+
+/// [`qdq`] on the given path.
+pub fn qdq_with(isa: Isa, format: Format, scale: f32, src: &[f32], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "fp8::qdq: src and dst lengths differ");
+    let p = Params::new(format);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx512 when the CPU has AVX-512 F/BW/VL + AVX2/FMA/F16C.
+        Isa::Avx512 => unsafe { avx512::qdq(&p, scale, src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx2 when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::qdq(&p, scale, src, dst) },
+        _ => scalar::qdq(&p, scale, src, dst),
+    }
+}
+
+/// [`qdq_bf16`] on the given path.
+pub fn qdq_bf16_with(isa: Isa, format: Format, scale: f32, src: &[bf16], dst: &mut [bf16]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8::qdq_bf16: src and dst lengths differ"
+    );
+    let p = Params::new(format);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx512 when the CPU has AVX-512 F/BW/VL + AVX2/FMA/F16C.
+        Isa::Avx512 => unsafe { avx512::qdq_bf16(&p, scale, src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` only returns Avx2 when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::qdq_bf16(&p, scale, src, dst) },
+        _ => scalar::qdq_bf16(&p, scale, src, dst),
+    }
+}
+
+#[cfg(test)]
+mod tests;
