@@ -94,6 +94,7 @@ impl Element for i64 {
 }
 
 /// Shape and data pointer shared by operands and results.
+#[derive(Clone, Copy)]
 struct View<'a> {
     dtype: DataType,
     dims: &'a [i64],
@@ -152,7 +153,8 @@ impl<'a> View<'a> {
     }
 }
 
-/// An operand buffer, read-only.
+/// An operand buffer, read-only (a cheap copyable view).
+#[derive(Clone, Copy)]
 pub struct Arg<'a> {
     view: View<'a>,
     _life: PhantomData<&'a [u8]>,

@@ -28,8 +28,8 @@ impl<'a> Call<'a> {
         self.rets.len()
     }
     /// Operand `i`.
-    pub fn arg(&self, i: usize) -> Result<&Arg<'a>, FfiError> {
-        self.args.get(i).ok_or_else(|| {
+    pub fn arg(&self, i: usize) -> Result<Arg<'a>, FfiError> {
+        self.args.get(i).copied().ok_or_else(|| {
             FfiError::invalid(format!(
                 "expected at least {} operand(s), got {}",
                 i + 1,
