@@ -187,7 +187,7 @@ impl<'a> Arg<'a> {
     /// The elements, if the dtype is one `T` stands for; `what` names the operand in errors.
     pub fn slice<T: Element>(&self, what: &str) -> Result<&'a [T], FfiError> {
         self.view.check::<T>(what)?;
-        if self.len() == 0 {
+        if self.is_empty() {
             return Ok(&[]);
         }
         // SAFETY: `check` verified dtype, non-null and alignment; XLA's buffer holds `len`
@@ -228,7 +228,7 @@ impl<'a> Ret<'a> {
     /// The elements for writing; consumes the view so each result is borrowed mutably once.
     pub fn into_slice<T: Element>(self, what: &str) -> Result<&'a mut [T], FfiError> {
         self.view.check::<T>(what)?;
-        if self.len() == 0 {
+        if self.is_empty() {
             return Ok(&mut []);
         }
         // SAFETY: `check` verified dtype, non-null and alignment; the buffer holds `len`

@@ -18,7 +18,8 @@ mod pool;
     non_snake_case,
     dead_code,
     unnecessary_transmutes,
-    clippy::all
+    clippy::all,
+    clippy::undocumented_unsafe_blocks
 )]
 mod raw {
     include!(concat!(env!("OUT_DIR"), "/xla_ffi_bindings.rs"));
