@@ -54,8 +54,16 @@ impl Plan {
     fn lhs_is_packed(&self) -> bool {
         let (m, k) = (self.m(), self.k);
         self.k_offsets.iter().enumerate().all(|(i, &o)| o == i)
-            && self.row_offsets.iter().enumerate().all(|(i, &o)| o == i * k)
-            && self.batch_offsets.iter().enumerate().all(|(i, &o)| o == i * m * k)
+            && self
+                .row_offsets
+                .iter()
+                .enumerate()
+                .all(|(i, &o)| o == i * k)
+            && self
+                .batch_offsets
+                .iter()
+                .enumerate()
+                .all(|(i, &o)| o == i * m * k)
     }
 }
 
@@ -87,11 +95,14 @@ fn check_axes(what: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>, FfiEr
     let mut seen = vec![false; rank];
     axes.iter()
         .map(|&a| {
-            let i = usize::try_from(a).ok().filter(|&i| i < rank).ok_or_else(|| {
-                FfiError::invalid(format!(
-                    "attribute `{what}`: dimension {a} is out of range for rank {rank}"
-                ))
-            })?;
+            let i = usize::try_from(a)
+                .ok()
+                .filter(|&i| i < rank)
+                .ok_or_else(|| {
+                    FfiError::invalid(format!(
+                        "attribute `{what}`: dimension {a} is out of range for rank {rank}"
+                    ))
+                })?;
             if std::mem::replace(&mut seen[i], true) {
                 return Err(FfiError::invalid(format!(
                     "attribute `{what}`: dimension {a} appears twice"
@@ -235,10 +246,17 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         rhs.dims(),
         &attrs.i64_array("lhs_contracting_dims")?,
         &attrs.i64_array("rhs_contracting_dims")?,
-        &attrs.opt_i64_array("lhs_batching_dims")?.unwrap_or_default(),
-        &attrs.opt_i64_array("rhs_batching_dims")?.unwrap_or_default(),
+        &attrs
+            .opt_i64_array("lhs_batching_dims")?
+            .unwrap_or_default(),
+        &attrs
+            .opt_i64_array("rhs_batching_dims")?
+            .unwrap_or_default(),
     )?;
-    let a_scale = attrs.opt_f32("a_scale")?.map(|s| check_scale("a_scale", s)).transpose()?;
+    let a_scale = attrs
+        .opt_f32("a_scale")?
+        .map(|s| check_scale("a_scale", s))
+        .transpose()?;
     let a_format = match attrs.opt_str("a_format")? {
         None => format,
         Some(name) => Format::parse(name).ok_or_else(|| {
@@ -314,7 +332,11 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
                 Some(pack_lhs(&plan, src, |x| x))
             }
         }
-        _ => Some(pack_lhs(&plan, lhs.slice::<bf16>("operand 0 (lhs)")?, bf16::to_f32)),
+        _ => Some(pack_lhs(
+            &plan,
+            lhs.slice::<bf16>("operand 0 (lhs)")?,
+            bf16::to_f32,
+        )),
     };
     if let (Some(s), Some(p)) = (a_scale, packed.as_mut()) {
         let src = p.clone();
@@ -363,7 +385,10 @@ mod tests {
         let p = plan(&[2, 3, 4, 256], &[4, 256, 640], &[3, 2], &[1, 0], &[], &[]).unwrap();
         assert_eq!((p.outer, p.k, p.inner), (1, 1024, 640));
         assert_eq!(p.out_dims, vec![2, 3, 640]);
-        assert!(p.lhs_is_packed(), "pairs sorted by rhs order give lhs dims 2, 3");
+        assert!(
+            p.lhs_is_packed(),
+            "pairs sorted by rhs order give lhs dims 2, 3"
+        );
         // tied logits: x[B,T,640] . emb[262144,640], contracting [2] x [1]
         let p = plan(&[1, 1, 640], &[262144, 640], &[2], &[1], &[], &[]).unwrap();
         assert_eq!((p.outer, p.k, p.inner), (262144, 640, 1));
@@ -385,13 +410,23 @@ mod tests {
     #[test]
     fn bad_dimension_numbers_are_named() {
         let e = plan(&[2, 8], &[9, 4], &[1], &[0], &[], &[]).unwrap_err();
-        assert!(e.message.contains("contracting dimension sizes differ"), "{}", e.message);
+        assert!(
+            e.message.contains("contracting dimension sizes differ"),
+            "{}",
+            e.message
+        );
         let e = plan(&[2, 8], &[8, 4], &[2], &[0], &[], &[]).unwrap_err();
-        assert!(e.message.contains("`lhs_contracting_dims`: dimension 2 is out of range"));
+        assert!(e
+            .message
+            .contains("`lhs_contracting_dims`: dimension 2 is out of range"));
         let e = plan(&[2, 8], &[8, 4], &[1, 1], &[0, 1], &[], &[]).unwrap_err();
         assert!(e.message.contains("appears twice"));
         let e = plan(&[2, 8, 3], &[8, 4, 3], &[1, 2], &[0, 2], &[], &[]).unwrap_err();
-        assert!(e.message.contains("contracting dims must be adjacent"), "{}", e.message);
+        assert!(
+            e.message.contains("contracting dims must be adjacent"),
+            "{}",
+            e.message
+        );
         let e = plan(&[5, 3, 8], &[8, 5, 7], &[2], &[0], &[0], &[1]).unwrap_err();
         assert!(e.message.contains("batching dims must be the leading dims"));
     }
