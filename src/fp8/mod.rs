@@ -1,8 +1,15 @@
 //! FP8 formats e4m3fn and e5m2: scalar and vectorized conversions.
 //!
 //! Semantics follow `ml_dtypes` bit for bit. Quantization is `q = sat(RNE(x / scale))`: the
-//! division is an IEEE f32 division (not a multiply by the reciprocal), values are clamped to
-//! ±max of the format before rounding, NaN stays NaN.
+//! division is an IEEE f32 division (the vector paths multiply by the reciprocal only when
+//! `scale` is a power of two, where that gives the same bits), values are clamped to ±max of
+//! the format before rounding, NaN stays NaN. Dequantization is `decode(q) * scale`.
+//!
+//! The rounding to FP8 and to bf16 is integer work on the bits and does not depend on the
+//! floating-point environment; the division and the multiply by `scale` do. Under
+//! flush-to-zero / denormals-are-zero (as some hosts set on their worker threads), results
+//! differ from the IEEE ones only where an f32 input, `scale` or a dequantized product is
+//! subnormal (|scale| below about 2^-100 for dequantization).
 //!
 //! Every conversion has a scalar reference and AVX2 / AVX-512 versions that equal it bit for
 //! bit (NaN payloads aside); the plain functions pick the path from [`Isa::detect`], the
