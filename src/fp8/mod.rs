@@ -5,8 +5,9 @@
 //! `scale` is a power of two, where that gives the same bits), values are clamped to ±max of
 //! the format before rounding, NaN stays NaN. Dequantization is `decode(q) * scale`.
 //!
-//! The rounding to FP8 and to bf16 is integer work on the bits and does not depend on the
-//! floating-point environment; the division and the multiply by `scale` do. Under
+//! The rounding to FP8 and to bf16 is integer work on the bits, or (FP8 subnormals in the
+//! vector paths) one f32 addition that is exact under round-to-nearest with or without
+//! flush-to-zero; the division and the multiply by `scale` depend on the environment. Under
 //! flush-to-zero / denormals-are-zero (as some hosts set on their worker threads), results
 //! differ from the IEEE ones only where an f32 input, `scale` or a dequantized product is
 //! subnormal (|scale| below about 2^-100 for dequantization).
@@ -177,6 +178,14 @@ impl Params {
             },
             quantum: f32::from_bits(((127 + 1 - bias - mbits as i32) as u32) << 23),
         }
+    }
+}
+
+impl Params {
+    /// `quantum * 2^23`: for `0 <= v < ` min normal, `v + magic` rounds `v` to the nearest
+    /// even multiple of the quantum (the ulp of `magic`), with the multiple in its low bits.
+    pub(crate) fn subnormal_magic(&self) -> f32 {
+        self.quantum * 8_388_608.0
     }
 }
 
