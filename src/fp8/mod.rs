@@ -136,6 +136,7 @@ pub fn decode_table(format: Format) -> [f32; 256] {
 
 /// Per-format constants of the f32 → FP8 rounding, shared by the scalar and vector paths.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Params {
     pub(crate) format: Format,
     /// f32 bits of the largest finite value.
@@ -181,6 +182,7 @@ impl Params {
     }
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl Params {
     /// `quantum * 2^23`: for `0 <= v < ` min normal, `v + magic` rounds `v` to the nearest
     /// even multiple of the quantum (the ulp of `magic`), with the multiple in its low bits.
@@ -192,6 +194,7 @@ impl Params {
 /// The reciprocal of `scale` when multiplying by it is exactly the same as dividing by `scale`
 /// for every f32 `x`: `scale` a normal power of two, so `1/scale` is exact and `x * (1/scale)`
 /// rounds the same real number as `x / scale`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn exact_reciprocal(scale: f32) -> Option<f32> {
     let bits = scale.to_bits();
     let exp = (bits >> 23) & 0xFF;
