@@ -1,8 +1,10 @@
-//! AVX2 conversions, 8 f32 lanes: the scalar algorithm of `scalar::encode_bits` on vectors.
+//! AVX2 conversions, 8 f32 lanes.
 //!
-//! Encoding is integer work on the f32 bits (clamp, round to nearest even by adding half an
-//! ulp minus one plus the kept lsb, subnormals by a variable shift of the significand). The
-//! QDQ paths keep the rounded value in the f32 domain instead of forming the code. Decoding
+//! Encoding works on the f32 bits: clamp the magnitude, then in the FP8 normal range round to
+//! nearest even by adding half an ulp minus one plus the kept lsb (as `scalar::encode_bits`);
+//! in the FP8 subnormal range add a magic constant whose ulp is the FP8 quantum, so the FP
+//! unit rounds to nearest even (fewer instructions than the scalar variable shift). The QDQ
+//! paths keep the rounded value in the f32 domain instead of forming the code. Decoding
 //! widens codes to f16 bit patterns (e5m2 is the top byte of an f16; e4m3fn's exponent and
 //! mantissa sit in an f16 whose value is 2^-8 of the e4m3fn one) and converts with F16C.
 //!
@@ -22,14 +24,11 @@ pub(super) struct Consts {
     half_ulp: __m256i,
     keep: __m256i,
     rebias: __m256i,
-    sub_base: __m256i,
-    twenty_five: __m256i,
     one: __m256i,
-    mant_mask: __m256i,
-    implicit: __m256i,
     nan_code: __m256i,
     shift: __m128i,
-    quantum: __m256,
+    magic: __m256,
+    magic_bits: __m256i,
 }
 
 impl Consts {
@@ -44,14 +43,11 @@ impl Consts {
             half_ulp: s(p.half_ulp),
             keep: s(p.keep_mask),
             rebias: s(p.rebias),
-            sub_base: s(p.sub_base),
-            twenty_five: s(25),
             one: s(1),
-            mant_mask: s(0x007F_FFFF),
-            implicit: s(0x0080_0000),
             nan_code: s(p.nan_code),
             shift: _mm_cvtsi32_si128(p.shift as i32),
-            quantum: _mm256_set1_ps(p.quantum),
+            magic: _mm256_set1_ps(p.subnormal_magic()),
+            magic_bits: s(p.subnormal_magic().to_bits()),
         }
     }
 }
@@ -66,8 +62,9 @@ struct Rounded {
     sub: __m256i,
     /// Normal range: clamped magnitude bits plus half an ulp minus one plus the kept lsb.
     r: __m256i,
-    /// Subnormal range: the code (= multiple of the quantum), possibly the smallest normal.
-    m: __m256i,
+    /// Subnormal range: clamped magnitude plus `magic`: its bits minus those of `magic` are
+    /// the code (possibly the smallest normal), its value minus `magic` the rounded value.
+    t: __m256,
 }
 
 #[inline(always)]
@@ -79,20 +76,16 @@ unsafe fn round(c: &Consts, y: __m256) -> Rounded {
     let a = _mm256_min_epu32(a0, c.max);
     let lsb = _mm256_and_si256(_mm256_srl_epi32(a, c.shift), c.one);
     let r = _mm256_add_epi32(_mm256_add_epi32(a, c.half_ulp), lsb);
-    // In lanes of the normal range `sub_base - e` may wrap; those lanes are discarded.
-    let e = _mm256_srli_epi32::<23>(a);
-    let mant = _mm256_or_si256(_mm256_and_si256(a, c.mant_mask), c.implicit);
-    let s = _mm256_min_epu32(_mm256_sub_epi32(c.sub_base, e), c.twenty_five);
-    let half = _mm256_sub_epi32(_mm256_sllv_epi32(c.one, _mm256_sub_epi32(s, c.one)), c.one);
-    let lsb_s = _mm256_and_si256(_mm256_srlv_epi32(mant, s), c.one);
-    let m = _mm256_srlv_epi32(_mm256_add_epi32(_mm256_add_epi32(mant, half), lsb_s), s);
+    // Subnormal range: adding `magic` (whose ulp is the quantum) rounds to nearest even in
+    // the FP unit, exactly; f32 subnormals count as zero either way.
+    let t = _mm256_add_ps(_mm256_castsi256_ps(a), c.magic);
     let sub = _mm256_cmpgt_epi32(c.min_normal, a);
     Rounded {
         sign,
         nan,
         sub,
         r,
-        m,
+        t,
     }
 }
 
@@ -101,7 +94,8 @@ unsafe fn round(c: &Consts, y: __m256) -> Rounded {
 unsafe fn code(c: &Consts, y: __m256) -> __m256i {
     let q = round(c, y);
     let normal = _mm256_sub_epi32(_mm256_srl_epi32(q.r, c.shift), c.rebias);
-    let code = _mm256_blendv_epi8(normal, q.m, q.sub);
+    let m = _mm256_sub_epi32(_mm256_castps_si256(q.t), c.magic_bits);
+    let code = _mm256_blendv_epi8(normal, m, q.sub);
     let code = _mm256_blendv_epi8(code, c.nan_code, q.nan);
     _mm256_or_si256(code, _mm256_srli_epi32::<24>(q.sign))
 }
@@ -111,7 +105,7 @@ unsafe fn code(c: &Consts, y: __m256) -> __m256i {
 unsafe fn rounded_value(c: &Consts, y: __m256) -> __m256 {
     let q = round(c, y);
     let normal = _mm256_and_si256(q.r, c.keep);
-    let subv = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(q.m), c.quantum));
+    let subv = _mm256_castps_si256(_mm256_sub_ps(q.t, c.magic));
     let v = _mm256_or_si256(_mm256_blendv_epi8(normal, subv, q.sub), q.sign);
     _mm256_blendv_ps(_mm256_castsi256_ps(v), y, _mm256_castsi256_ps(q.nan))
 }

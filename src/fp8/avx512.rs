@@ -22,14 +22,11 @@ struct Consts {
     half_ulp: __m512i,
     keep: __m512i,
     rebias: __m512i,
-    sub_base: __m512i,
-    twenty_five: __m512i,
     one: __m512i,
-    mant_mask: __m512i,
-    implicit: __m512i,
     nan_code: __m512i,
     shift: __m128i,
-    quantum: __m512,
+    magic: __m512,
+    magic_bits: __m512i,
 }
 
 impl Consts {
@@ -44,14 +41,11 @@ impl Consts {
             half_ulp: s(p.half_ulp),
             keep: s(p.keep_mask),
             rebias: s(p.rebias),
-            sub_base: s(p.sub_base),
-            twenty_five: s(25),
             one: s(1),
-            mant_mask: s(0x007F_FFFF),
-            implicit: s(0x0080_0000),
             nan_code: s(p.nan_code),
             shift: _mm_cvtsi32_si128(p.shift as i32),
-            quantum: _mm512_set1_ps(p.quantum),
+            magic: _mm512_set1_ps(p.subnormal_magic()),
+            magic_bits: s(p.subnormal_magic().to_bits()),
         }
     }
 }
@@ -62,7 +56,7 @@ struct Rounded {
     nan: __mmask16,
     sub: __mmask16,
     r: __m512i,
-    m: __m512i,
+    t: __m512,
 }
 
 #[inline(always)]
@@ -74,20 +68,16 @@ unsafe fn round(c: &Consts, y: __m512) -> Rounded {
     let a = _mm512_min_epu32(a0, c.max);
     let lsb = _mm512_and_si512(_mm512_srl_epi32(a, c.shift), c.one);
     let r = _mm512_add_epi32(_mm512_add_epi32(a, c.half_ulp), lsb);
-    // In lanes of the normal range `sub_base - e` may wrap; those lanes are discarded.
-    let e = _mm512_srli_epi32::<23>(a);
-    let mant = _mm512_or_si512(_mm512_and_si512(a, c.mant_mask), c.implicit);
-    let s = _mm512_min_epu32(_mm512_sub_epi32(c.sub_base, e), c.twenty_five);
-    let half = _mm512_sub_epi32(_mm512_sllv_epi32(c.one, _mm512_sub_epi32(s, c.one)), c.one);
-    let lsb_s = _mm512_and_si512(_mm512_srlv_epi32(mant, s), c.one);
-    let m = _mm512_srlv_epi32(_mm512_add_epi32(_mm512_add_epi32(mant, half), lsb_s), s);
+    // Subnormal range: adding `magic` (whose ulp is the quantum) rounds to nearest even in
+    // the FP unit, exactly; f32 subnormals count as zero either way.
+    let t = _mm512_add_ps(_mm512_castsi512_ps(a), c.magic);
     let sub = _mm512_cmplt_epu32_mask(a, c.min_normal);
     Rounded {
         sign,
         nan,
         sub,
         r,
-        m,
+        t,
     }
 }
 
@@ -96,7 +86,8 @@ unsafe fn round(c: &Consts, y: __m512) -> Rounded {
 unsafe fn code(c: &Consts, y: __m512) -> __m512i {
     let q = round(c, y);
     let normal = _mm512_sub_epi32(_mm512_srl_epi32(q.r, c.shift), c.rebias);
-    let code = _mm512_mask_blend_epi32(q.sub, normal, q.m);
+    let m = _mm512_sub_epi32(_mm512_castps_si512(q.t), c.magic_bits);
+    let code = _mm512_mask_blend_epi32(q.sub, normal, m);
     let code = _mm512_mask_blend_epi32(q.nan, code, c.nan_code);
     _mm512_or_si512(code, _mm512_srli_epi32::<24>(q.sign))
 }
@@ -106,7 +97,7 @@ unsafe fn code(c: &Consts, y: __m512) -> __m512i {
 unsafe fn rounded_value(c: &Consts, y: __m512) -> __m512 {
     let q = round(c, y);
     let normal = _mm512_and_si512(q.r, c.keep);
-    let subv = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(q.m), c.quantum));
+    let subv = _mm512_castps_si512(_mm512_sub_ps(q.t, c.magic));
     let v = _mm512_or_si512(_mm512_mask_blend_epi32(q.sub, normal, subv), q.sign);
     _mm512_mask_blend_ps(q.nan, _mm512_castsi512_ps(v), y)
 }

@@ -1,8 +1,16 @@
 //! FP8 formats e4m3fn and e5m2: scalar and vectorized conversions.
 //!
 //! Semantics follow `ml_dtypes` bit for bit. Quantization is `q = sat(RNE(x / scale))`: the
-//! division is an IEEE f32 division (not a multiply by the reciprocal), values are clamped to
-//! ±max of the format before rounding, NaN stays NaN.
+//! division is an IEEE f32 division (the vector paths multiply by the reciprocal only when
+//! `scale` is a power of two, where that gives the same bits), values are clamped to ±max of
+//! the format before rounding, NaN stays NaN. Dequantization is `decode(q) * scale`.
+//!
+//! The rounding to FP8 and to bf16 is integer work on the bits, or (FP8 subnormals in the
+//! vector paths) one f32 addition that is exact under round-to-nearest with or without
+//! flush-to-zero; the division and the multiply by `scale` depend on the environment. Under
+//! flush-to-zero / denormals-are-zero (as some hosts set on their worker threads), results
+//! differ from the IEEE ones only where an f32 input, `scale` or a dequantized product is
+//! subnormal (|scale| below about 2^-100 for dequantization).
 //!
 //! Every conversion has a scalar reference and AVX2 / AVX-512 versions that equal it bit for
 //! bit (NaN payloads aside); the plain functions pick the path from [`Isa::detect`], the
@@ -128,6 +136,7 @@ pub fn decode_table(format: Format) -> [f32; 256] {
 
 /// Per-format constants of the f32 → FP8 rounding, shared by the scalar and vector paths.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Params {
     pub(crate) format: Format,
     /// f32 bits of the largest finite value.
@@ -173,9 +182,19 @@ impl Params {
     }
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl Params {
+    /// `quantum * 2^23`: for `0 <= v < ` min normal, `v + magic` rounds `v` to the nearest
+    /// even multiple of the quantum (the ulp of `magic`), with the multiple in its low bits.
+    pub(crate) fn subnormal_magic(&self) -> f32 {
+        self.quantum * 8_388_608.0
+    }
+}
+
 /// The reciprocal of `scale` when multiplying by it is exactly the same as dividing by `scale`
 /// for every f32 `x`: `scale` a normal power of two, so `1/scale` is exact and `x * (1/scale)`
 /// rounds the same real number as `x / scale`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn exact_reciprocal(scale: f32) -> Option<f32> {
     let bits = scale.to_bits();
     let exp = (bits >> 23) & 0xFF;
