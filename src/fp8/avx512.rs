@@ -4,9 +4,7 @@
 //! Every function here is `unsafe`: callers must have checked that the CPU has AVX-512 F, BW
 //! and VL besides AVX2, FMA and F16C, and pass slices of equal length.
 //!
-//! The AVX-512 intrinsics are stable since Rust 1.89, above the crate's declared
-//! `rust-version`; the toolchain that builds the crate is newer.
-#![allow(clippy::incompatible_msrv)]
+//! The AVX-512 intrinsics are stable since Rust 1.89 (the crate's `rust-version`).
 use super::avx2::{half_bits, half_factor};
 use super::{exact_reciprocal, Format, Params};
 use half::bf16;
