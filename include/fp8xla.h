@@ -43,6 +43,16 @@ int64_t fp8xla_observer_read(int64_t* sites, float* amax, int64_t* count, int64_
 /* Forgets every recorded site. */
 void fp8xla_observer_reset(void);
 
+/* Runs a graph-rewrite pass ("quantize" or "instrument") over StableHLO text (MLIR generic
+ * form) with JSON options. Returns 0 and sets *out_module and *out_report (JSON) on success;
+ * returns 1 (the pass refused the module or options) or 2 (bad arguments, internal error) and
+ * sets *out_report to the message and *out_module to NULL otherwise. Free both with
+ * fp8xla_free_string. */
+int32_t fp8xla_rewrite(const char* pass, const char* module, const char* options_json,
+                       char** out_module, char** out_report);
+/* Frees a string returned by fp8xla_rewrite (NULL is ignored). */
+void fp8xla_free_string(char* s);
+
 /* Instruction set the kernels use on this CPU: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512. */
 int32_t fp8xla_isa_level(void);
 

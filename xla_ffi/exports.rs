@@ -6,6 +6,7 @@
 use super::entry::run;
 use super::raw::{XLA_FFI_CallFrame, XLA_FFI_Error};
 use crate::handlers;
+use std::ffi::{c_char, CStr, CString};
 
 macro_rules! export_handlers {
     ($($symbol:ident => $body:path),* $(,)?) => {$(
@@ -81,4 +82,77 @@ pub extern "C" fn fp8xla_observer_reset() {
 #[no_mangle]
 pub extern "C" fn fp8xla_isa_level() -> i32 {
     crate::cpu::Isa::detect() as i32
+}
+
+/// Runs a graph-rewrite pass (`"quantize"` or `"instrument"`) over StableHLO text.
+///
+/// On success returns 0 and sets `*out_module` (the rewritten module) and `*out_report` (a
+/// JSON report); on failure returns 1 (the pass refused: malformed IR, bad options) or 2 (bad
+/// arguments to this function, or an internal error) and sets `*out_report` to the message and
+/// `*out_module` to NULL. Free both strings with `fp8xla_free_string`.
+///
+/// # Safety
+/// `pass`, `module` and `options` must be NUL-terminated strings; `out_module` and
+/// `out_report` must be valid for one pointer write each.
+#[no_mangle]
+pub unsafe extern "C" fn fp8xla_rewrite(
+    pass: *const c_char,
+    module: *const c_char,
+    options: *const c_char,
+    out_module: *mut *mut c_char,
+    out_report: *mut *mut c_char,
+) -> i32 {
+    if out_module.is_null() || out_report.is_null() {
+        return 2;
+    }
+    let read = |p: *const c_char, what: &str| -> Result<String, String> {
+        if p.is_null() {
+            return Err(format!("fp8xla_rewrite: `{what}` is NULL"));
+        }
+        // SAFETY: the caller passes NUL-terminated strings.
+        unsafe { CStr::from_ptr(p) }
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| format!("fp8xla_rewrite: `{what}` is not UTF-8"))
+    };
+    let outcome = std::panic::catch_unwind(|| -> Result<(String, String), (i32, String)> {
+        let pass = read(pass, "pass").map_err(|e| (2, e))?;
+        let module = read(module, "module").map_err(|e| (2, e))?;
+        let options = read(options, "options").map_err(|e| (2, e))?;
+        let result = match pass.as_str() {
+            "quantize" => crate::rewrite::quantize(&module, &options),
+            "instrument" => crate::rewrite::instrument(&module, &options),
+            other => {
+                return Err((
+                    2,
+                    format!("fp8xla_rewrite: unknown pass {other:?} (expected \"quantize\" or \"instrument\")"),
+                ))
+            }
+        };
+        result.map_err(|e| (1, e.to_string()))
+    });
+    let (code, module, report) = match outcome {
+        Ok(Ok((m, r))) => (0, Some(m), r),
+        Ok(Err((code, msg))) => (code, None, msg),
+        Err(_) => (2, None, "fp8xla_rewrite: internal error (bug in fp8xla)".to_string()),
+    };
+    let to_c = |s: String| CString::new(s.replace('\0', " ")).unwrap_or_default().into_raw();
+    // SAFETY: both out pointers were checked non-null and are valid for one write.
+    unsafe {
+        *out_module = module.map_or(std::ptr::null_mut(), to_c);
+        *out_report = to_c(report);
+    }
+    code
+}
+
+/// Frees a string returned by `fp8xla_rewrite` (NULL is ignored).
+///
+/// # Safety
+/// `s` must be NULL or a string returned by this library and not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn fp8xla_free_string(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: `s` came from CString::into_raw in this library.
+        drop(unsafe { CString::from_raw(s) });
+    }
 }

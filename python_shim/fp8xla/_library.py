@@ -45,6 +45,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8xla_observer_read.argtypes = [i64p, f32p, i64p, i64p, ctypes.c_int64]
     lib.fp8xla_observer_reset.restype = None
     lib.fp8xla_observer_reset.argtypes = []
+    lib.fp8xla_rewrite.restype = ctypes.c_int32
+    lib.fp8xla_rewrite.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                   ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+    lib.fp8xla_free_string.restype = None
+    lib.fp8xla_free_string.argtypes = [ctypes.c_void_p]
     lib.fp8xla_isa_level.restype = ctypes.c_int32
     lib.fp8xla_isa_level.argtypes = []
 

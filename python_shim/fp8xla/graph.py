@@ -1,0 +1,140 @@
+"""FP8 graph rewrite of exported JAX functions.
+
+``jax.export`` gives the StableHLO of a jitted function whose weights are arguments; the Rust
+passes (`instrument`, `quantize`) rewrite that text, and this module turns the result back into
+a ``jax.export.Exported`` that runs under ``jax.jit`` and serializes like any other export.
+
+    exp = jax.export.export(jax.jit(f), platforms=["cpu"])(*specs)
+    scales = calibrate(exp, weights=[1, 3], batches=[args0, args1])   # {site: amax}
+    q = quantize_exported(exp, options)        # weights become FP8 arguments
+    y = q.call(*args_with_fp8_weights)
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+
+import jax
+
+from . import _library, ops
+
+#: The custom calls a rewritten module may contain (their safety checks are disabled).
+FP8XLA_TARGETS = ("fp8xla_matmul", "fp8xla_observe", "fp8xla_dequantize", "fp8xla_quantize",
+                  "fp8xla_qdq")
+
+
+class RewriteError(ValueError):
+    """A rewrite pass refused the module or its options (the message says where and why)."""
+
+
+def module_text(exp: jax.export.Exported) -> str:
+    """The exported module in MLIR's generic op form with locations (what the passes read)."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+
+    with jax_mlir.make_ir_context():
+        module = ir.Module.parse(exp.mlir_module())
+        return module.operation.get_asm(enable_debug_info=True, print_generic_op_form=True)
+
+
+def run_pass(name: str, text: str, options: dict) -> tuple[str, dict]:
+    """Runs rewrite pass `name` ("quantize" | "instrument") on module text."""
+    lib = _library.load()
+    out_module = ctypes.c_void_p()
+    out_report = ctypes.c_void_p()
+    rc = lib.fp8xla_rewrite(
+        name.encode(), text.encode(), json.dumps(options).encode(),
+        ctypes.byref(out_module), ctypes.byref(out_report),
+    )
+    try:
+        report = ctypes.string_at(out_report.value).decode() if out_report.value else ""
+        module = ctypes.string_at(out_module.value).decode() if out_module.value else ""
+    finally:
+        lib.fp8xla_free_string(out_module)
+        lib.fp8xla_free_string(out_report)
+    if rc != 0:
+        raise RewriteError(f"fp8xla {name} pass: {report}")
+    return module, json.loads(report)
+
+
+def _serialize(text: str) -> bytes:
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import stablehlo
+
+    target = stablehlo.get_version_from_compatibility_requirement(
+        stablehlo.StablehloCompatibilityRequirement.WEEK_4)
+    with jax_mlir.make_ir_context():
+        module = ir.Module.parse(text)
+        return jax.extend.mlir.serialize_portable_artifact(module, target)
+
+
+def with_module(exp: jax.export.Exported, text: str, in_avals=None) -> jax.export.Exported:
+    """`exp` with its module replaced by `text` (and its input avals by `in_avals`)."""
+    checks = tuple(exp.disabled_safety_checks) + tuple(
+        jax.export.DisabledSafetyCheck.custom_call(t) for t in FP8XLA_TARGETS)
+    return dataclasses.replace(
+        exp,
+        mlir_module_serialized=_serialize(text),
+        in_avals=tuple(in_avals) if in_avals is not None else exp.in_avals,
+        disabled_safety_checks=checks,
+    )
+
+
+def instrument_exported(exp, weights=None, args=None):
+    """Inserts `fp8xla_observe` before the activation of every matmul on a weight argument.
+
+    Returns ``(instrumented Exported, sites table)``; running the instrumented export records
+    max|activation| per site (read with ``fp8xla.ops.observer_stats()``)."""
+    options = {}
+    if weights is not None:
+        options["weights"] = [int(w) for w in weights]
+    if args is not None:
+        options["args"] = args
+    text, sites = run_pass("instrument", module_text(exp), options)
+    return with_module(exp, text), sites
+
+
+def calibrate(exp, batches, weights=None, args=None):
+    """Runs the instrumented export on every batch (a tuple of flat arguments each, or a
+    callable taking the instrumented ``Exported``) and returns ``({site: SiteStat}, sites)``."""
+    inst, sites = instrument_exported(exp, weights, args)
+    ops.reset_observer()
+    run = jax.jit(inst.call)
+    if callable(batches):
+        batches(inst)
+    else:
+        for batch in batches:
+            jax.block_until_ready(run(*batch))
+    stats = ops.observer_stats()
+    if not stats:
+        raise RuntimeError(
+            "fp8xla.graph.calibrate: no calibration site was reached; the calibration "
+            "inputs never ran the instrumented graph")
+    return stats, sites
+
+
+def quantize_exported(exp, options: dict):
+    """Applies the `quantize` pass; returns ``(Exported with FP8 weight arguments, report)``.
+
+    The weight arguments named in ``options["weights"]`` become float8 inputs of the new
+    export (pass the FP8 codes, e.g. from ``fp8xla.ops.quantize_weight``)."""
+    text, report = run_pass("quantize", module_text(exp), options)
+    avals = list(exp.in_avals)
+    for w in report.get("weights", []):
+        if w.get("quantized", True):
+            dt = ops.fp8_dtype(w["format"])
+            avals[w["arg"]] = jax.core.ShapedArray(avals[w["arg"]].shape, dt)
+    return with_module(exp, text, avals), report
+
+
+def flat_index_of(exp, tree_path_predicate):
+    """Flat argument indices whose pytree path satisfies the predicate (helper for users)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        jax.tree_util.tree_unflatten(exp.in_tree, list(range(len(exp.in_avals)))))[0]
+    return [int(i) for path, i in leaves if tree_path_predicate(path)]
+
+
+__all__ = ["RewriteError", "module_text", "run_pass", "with_module", "instrument_exported",
+           "calibrate", "quantize_exported", "flat_index_of"]
