@@ -1,1 +1,551 @@
 //! Compute kernels (FP8 matmul).
+//!
+//! `out = lhs · (f32(decode(w)) · scale)` with f32 accumulation, for FP8 weights stored as
+//! `[batch, outer, k, inner]`. Two strategies, picked by the number of lhs rows:
+//!
+//! * GEMV (`m <= GEMV_MAX_M`): the weights are streamed once, converted in registers and
+//!   multiplied against all lhs rows at once. The output columns are split across tasks.
+//! * GEMM (larger `m`): weight panels are converted to f32 into a small packed buffer (per
+//!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own row ranges
+//!   of the output.
+//!
+//! Vector kernels may accumulate in a scaled domain (e4m3fn is widened through f16, which
+//! divides every value by 2^8 exactly); the factor is folded into the per-column multiplier
+//! applied once at the end.
+
+mod avx2;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+use crate::cpu::Isa;
+use crate::fp8::{decode, Format};
+use crate::parallel::{split_range, Parallel};
+use once_cell::sync::Lazy;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// How the decoded weights are scaled.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightScale<'a> {
+    /// One factor for every weight.
+    PerTensor(f32),
+    /// One factor per output column and batch: `len == batch * n`, indexed `[b * n + col]`.
+    PerChannel(&'a [f32]),
+}
+
+/// FP8 weights of logical shape `[batch, outer, k, inner]`, row-major (contiguous).
+///
+/// The output column of `(o, i)` is `o * inner + i`, so `n = outer * inner`.
+/// `inner == 1` is the "NK" layout (each output column is a contiguous k-row), `outer == 1` the
+/// "KN" layout; both `> 1` covers per-head kernels such as `[heads, k, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Weights<'a> {
+    pub data: &'a [u8],
+    pub format: Format,
+    pub batch: usize,
+    pub outer: usize,
+    pub k: usize,
+    pub inner: usize,
+}
+
+impl Fp8Weights<'_> {
+    /// Number of output columns, `outer * inner`.
+    pub fn n(&self) -> usize {
+        self.outer * self.inner
+    }
+}
+
+/// Largest `m` that takes the weight-streaming GEMV path.
+const GEMV_MAX_M: usize = 4;
+/// GEMM blocking: rows per microkernel call, columns per packed panel, panels per block and
+/// the largest depth of a block.
+const MR: usize = 6;
+const NR: usize = 16;
+const NC: usize = 128;
+const KC_MAX: usize = 256;
+/// Weight bytes below which a GEMV does not bother with more than one task.
+const GEMV_MIN_TASK_BYTES: usize = 48 << 10;
+
+/// `out = lhs · (decode(w) · scale)` using the best kernels of this CPU (`Isa::detect()`).
+///
+/// `lhs` is `[batch, m, k]` and `out` is `[batch, m, n]`, both f32 row-major contiguous; `out`
+/// is fully overwritten. Panics if a slice length does not match the shapes.
+pub fn fp8_matmul(
+    par: &dyn Parallel,
+    lhs: &[f32],
+    m: usize,
+    w: &Fp8Weights,
+    scale: WeightScale,
+    out: &mut [f32],
+) {
+    fp8_matmul_with(Isa::detect(), par, lhs, m, w, scale, out)
+}
+
+/// Same as [`fp8_matmul`] with an explicit instruction-set level (which must be supported by
+/// this CPU; levels without dedicated kernels use the next lower ones).
+pub fn fp8_matmul_with(
+    isa: Isa,
+    par: &dyn Parallel,
+    lhs: &[f32],
+    m: usize,
+    w: &Fp8Weights,
+    scale: WeightScale,
+    out: &mut [f32],
+) {
+    let (batch, outer, k, inner) = (w.batch, w.outer, w.k, w.inner);
+    let n = outer.checked_mul(inner).expect("fp8_matmul: n overflows");
+    let prod = |xs: &[usize]| {
+        xs.iter()
+            .try_fold(1usize, |a, &x| a.checked_mul(x))
+            .expect("fp8_matmul: size overflows")
+    };
+    assert_eq!(
+        w.data.len(),
+        prod(&[batch, outer, k, inner]),
+        "fp8_matmul: weight length"
+    );
+    assert_eq!(lhs.len(), prod(&[batch, m, k]), "fp8_matmul: lhs length");
+    assert_eq!(out.len(), prod(&[batch, m, n]), "fp8_matmul: out length");
+    if let WeightScale::PerChannel(s) = scale {
+        assert_eq!(s.len(), prod(&[batch, n]), "fp8_matmul: scale length");
+    }
+    assert!(
+        isa <= Isa::supported(),
+        "fp8_matmul: {} is not supported by this CPU",
+        isa.name()
+    );
+    if out.is_empty() {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let bk = match isa {
+        Isa::Scalar => Backend::Scalar,
+        Isa::Avx2 | Isa::Avx512 => match avx2::Avx2::new() {
+            Some(t) => Backend::Avx2(t),
+            None => Backend::Scalar,
+        },
+    };
+    let p = Problem {
+        bk,
+        fmt: w.format,
+        lhs,
+        m,
+        w: w.data,
+        batch,
+        outer,
+        k,
+        inner,
+        n,
+        scale,
+    };
+    if m <= GEMV_MAX_M {
+        gemv(&p, par, out);
+    } else {
+        gemm(&p, par, out);
+    }
+}
+
+/// Which kernel family runs.
+#[derive(Clone, Copy)]
+pub(crate) enum Backend {
+    Scalar,
+    Avx2(avx2::Avx2),
+}
+
+impl Backend {
+    /// The table of weight values in this backend's domain, and the factor back to real values.
+    fn domain(self, fmt: Format) -> (&'static [f32; 256], f32) {
+        match (self, fmt) {
+            (Backend::Avx2(_), Format::E4m3fn) => (&E4M3_SCALED, 256.0),
+            (_, f) => (table(f), 1.0),
+        }
+    }
+}
+
+static E4M3: Lazy<[f32; 256]> = Lazy::new(|| crate::fp8::decode_table(Format::E4m3fn));
+static E5M2: Lazy<[f32; 256]> = Lazy::new(|| crate::fp8::decode_table(Format::E5m2));
+static E4M3_SCALED: Lazy<[f32; 256]> =
+    Lazy::new(|| std::array::from_fn(|c| decode(Format::E4m3fn, c as u8) / 256.0));
+
+/// Exact decoded values of a format.
+fn table(fmt: Format) -> &'static [f32; 256] {
+    match fmt {
+        Format::E4m3fn => &E4M3,
+        Format::E5m2 => &E5M2,
+    }
+}
+
+/// Per-column factor applied to the accumulated sums: `unit * scale[col]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mul<'a> {
+    unit: f32,
+    /// Per-channel scales of the columns the kernel writes (starting at its first column).
+    per: Option<&'a [f32]>,
+    /// `unit * scale` for per-tensor scaling.
+    tensor: f32,
+}
+
+impl<'a> Mul<'a> {
+    #[inline]
+    fn at(&self, c: usize) -> f32 {
+        match self.per {
+            Some(s) => self.unit * s[c],
+            None => self.tensor,
+        }
+    }
+    /// The factors of columns `from..`.
+    fn skip(&self, from: usize) -> Mul<'a> {
+        Mul {
+            per: self.per.map(|s| &s[from..]),
+            ..*self
+        }
+    }
+}
+
+struct Problem<'a> {
+    bk: Backend,
+    fmt: Format,
+    lhs: &'a [f32],
+    m: usize,
+    w: &'a [u8],
+    batch: usize,
+    outer: usize,
+    k: usize,
+    inner: usize,
+    n: usize,
+    scale: WeightScale<'a>,
+}
+
+impl<'a> Problem<'a> {
+    /// Multiplier for columns `c0..` of batch `b`.
+    fn mul(&self, b: usize, c0: usize) -> Mul<'a> {
+        let (_, unit) = self.bk.domain(self.fmt);
+        match self.scale {
+            WeightScale::PerTensor(s) => Mul {
+                unit,
+                per: None,
+                tensor: unit * s,
+            },
+            WeightScale::PerChannel(s) => Mul {
+                unit,
+                per: Some(&s[b * self.n + c0..(b + 1) * self.n]),
+                tensor: 0.0,
+            },
+        }
+    }
+    fn weights(&self, b: usize) -> &'a [u8] {
+        let len = self.outer * self.k * self.inner;
+        &self.w[b * len..(b + 1) * len]
+    }
+}
+
+/// One GEMV task: batch `b`, output columns `c0..c1`.
+struct ColTask {
+    b: usize,
+    c0: usize,
+    c1: usize,
+}
+
+fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let bytes = p.w.len();
+    let max_tasks = (bytes / GEMV_MIN_TASK_BYTES).max(1);
+    let workers = par.workers();
+    let want = if workers > 1 {
+        (workers * 4).min(max_tasks)
+    } else {
+        1
+    };
+    let per_batch = want.div_ceil(p.batch).max(1);
+    let align = if p.inner == 1 { 8 } else { 64 };
+    let mut tasks = Vec::new();
+    for b in 0..p.batch {
+        for r in split_range(n, per_batch, align) {
+            tasks.push(ColTask {
+                b,
+                c0: r.start,
+                c1: r.end,
+            });
+        }
+    }
+    let compute = |t: &ColTask, dst: &mut [f32]| {
+        let os = t.c1 - t.c0;
+        let lhs = &p.lhs[t.b * m * k..(t.b + 1) * m * k];
+        let wb = p.weights(t.b);
+        let mul = p.mul(t.b, t.c0);
+        if p.inner == 1 {
+            gemv_nk(
+                p.bk,
+                p.fmt,
+                lhs,
+                m,
+                k,
+                &wb[t.c0 * k..t.c1 * k],
+                os,
+                dst,
+                os,
+                mul,
+            );
+        } else {
+            let mut c = t.c0;
+            while c < t.c1 {
+                let (o, i0) = (c / p.inner, c % p.inner);
+                let cols = (p.inner - i0).min(t.c1 - c);
+                let start = o * k * p.inner + i0;
+                let end = start + (k - 1) * p.inner + cols;
+                gemv_kn(
+                    p.bk,
+                    p.fmt,
+                    lhs,
+                    m,
+                    k,
+                    &wb[start..end],
+                    p.inner,
+                    cols,
+                    &mut dst[c - t.c0..],
+                    os,
+                    mul.skip(c - t.c0),
+                );
+                c += cols;
+            }
+        }
+    };
+    if m == 1 {
+        // Each task writes a contiguous piece of `out`.
+        let mut pieces = Vec::with_capacity(tasks.len());
+        let mut rest = out;
+        for t in &tasks {
+            let (piece, tail) = rest.split_at_mut(t.c1 - t.c0);
+            pieces.push(Mutex::new(piece));
+            rest = tail;
+        }
+        debug_assert!(rest.is_empty());
+        par.run(tasks.len(), &|i| {
+            let mut piece = pieces[i].lock().unwrap();
+            compute(&tasks[i], &mut piece);
+        });
+    } else {
+        let results: Vec<Mutex<Vec<f32>>> = tasks.iter().map(|_| Mutex::new(Vec::new())).collect();
+        par.run(tasks.len(), &|i| {
+            let t = &tasks[i];
+            let mut buf = vec![0.0f32; m * (t.c1 - t.c0)];
+            compute(t, &mut buf);
+            *results[i].lock().unwrap() = buf;
+        });
+        for (t, r) in tasks.iter().zip(results) {
+            let buf = r.into_inner().unwrap();
+            let w = t.c1 - t.c0;
+            for (row, src) in buf.chunks_exact(w).enumerate() {
+                let at = (t.b * m + row) * n + t.c0;
+                out[at..at + w].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// KN GEMV: `out[r*os + c] = mul(c) * sum_kk lhs[r*k + kk] * w[kk*ws + c]` for `r < rows`,
+/// `c < ncols`.
+#[allow(clippy::too_many_arguments)]
+fn gemv_kn(
+    bk: Backend,
+    fmt: Format,
+    lhs: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[u8],
+    ws: usize,
+    ncols: usize,
+    out: &mut [f32],
+    os: usize,
+    mul: Mul,
+) {
+    assert!(lhs.len() >= rows * k && w.len() >= (k - 1) * ws + ncols && ncols <= ws);
+    assert!(out.len() >= (rows - 1) * os + ncols);
+    match bk {
+        Backend::Scalar => scalar::gemv_kn(table(fmt), lhs, rows, k, w, ws, ncols, out, os, mul),
+        Backend::Avx2(t) => t.gemv_kn(fmt, lhs, rows, k, w, ws, ncols, out, os, mul),
+    }
+}
+
+/// NK GEMV: `out[r*os + c] = mul(c) * sum_kk lhs[r*k + kk] * w[c*k + kk]`.
+#[allow(clippy::too_many_arguments)]
+fn gemv_nk(
+    bk: Backend,
+    fmt: Format,
+    lhs: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[u8],
+    ncols: usize,
+    out: &mut [f32],
+    os: usize,
+    mul: Mul,
+) {
+    assert!(lhs.len() >= rows * k && w.len() >= ncols * k);
+    assert!(out.len() >= (rows - 1) * os + ncols);
+    match bk {
+        Backend::Scalar => scalar::gemv_nk(table(fmt), lhs, rows, k, w, ncols, out, os, mul),
+        Backend::Avx2(t) => t.gemv_nk(fmt, lhs, rows, k, w, ncols, out, os, mul),
+    }
+}
+
+thread_local! {
+    static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One GEMM task: batch `b`, output rows `r0..r1`.
+struct RowTask {
+    b: usize,
+    r0: usize,
+    r1: usize,
+}
+
+fn gemm(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let workers = par.workers();
+    // Each row task converts all the weights once; more tasks balance better but convert more.
+    let want = if workers > 1 { workers * 2 } else { 1 };
+    let per_batch = want.div_ceil(p.batch).clamp(1, m.div_ceil(4 * MR));
+    let mut tasks = Vec::new();
+    for b in 0..p.batch {
+        for r in split_range(m, per_batch, MR) {
+            tasks.push(RowTask {
+                b,
+                r0: r.start,
+                r1: r.end,
+            });
+        }
+    }
+    let mut pieces = Vec::with_capacity(tasks.len());
+    let mut rest = out;
+    for t in &tasks {
+        let (piece, tail) = rest.split_at_mut((t.r1 - t.r0) * n);
+        pieces.push(Mutex::new(piece));
+        rest = tail;
+    }
+    let kblocks = k.div_ceil(KC_MAX);
+    let kc_size = k.div_ceil(kblocks);
+    par.run(tasks.len(), &|i| {
+        let t = &tasks[i];
+        let mut piece = pieces[i].lock().unwrap();
+        let c = &mut **piece;
+        let lhs = &p.lhs[(t.b * m + t.r0) * k..(t.b * m + t.r1) * k];
+        let rows = t.r1 - t.r0;
+        let wb = p.weights(t.b);
+        PACK.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(kc_size * NC, 0.0);
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                let mut pc = 0;
+                while pc < k {
+                    let kc = kc_size.min(k - pc);
+                    for (pi, j) in (jc..jc + nc).step_by(NR).enumerate() {
+                        let cols = NR.min(jc + nc - j);
+                        let dst = &mut buf[pi * kc * NR..(pi + 1) * kc * NR];
+                        pack_panel(p, wb, j, cols, pc, kc, dst);
+                    }
+                    let (first, last) = (pc == 0, pc + kc == k);
+                    for ir in (0..rows).step_by(MR) {
+                        let mr = MR.min(rows - ir);
+                        for (pi, j) in (jc..jc + nc).step_by(NR).enumerate() {
+                            let cols = NR.min(jc + nc - j);
+                            let mut mul = [0.0f32; NR];
+                            if last {
+                                let mu = p.mul(t.b, j);
+                                for (x, v) in mul.iter_mut().take(cols).enumerate() {
+                                    *v = mu.at(x);
+                                }
+                            }
+                            micro(
+                                p.bk,
+                                &lhs[ir * k + pc..],
+                                mr,
+                                k,
+                                kc,
+                                &buf[pi * kc * NR..(pi + 1) * kc * NR],
+                                &mut c[ir * n + j..],
+                                n,
+                                cols,
+                                first,
+                                last.then_some(&mul),
+                            );
+                        }
+                    }
+                    pc += kc;
+                }
+            }
+        });
+    });
+}
+
+/// Packs weight columns `j..j+cols` (`cols <= NR`) and depths `pc..pc+kc` of one batch into
+/// `dst[kk * NR + x]` in the backend's domain, zero-filling columns `cols..NR`.
+fn pack_panel(
+    p: &Problem,
+    wb: &[u8],
+    j: usize,
+    cols: usize,
+    pc: usize,
+    kc: usize,
+    dst: &mut [f32],
+) {
+    let (k, inner) = (p.k, p.inner);
+    let (o, i0) = (j / inner, j % inner);
+    if let Backend::Avx2(t) = p.bk {
+        if cols == NR && i0 + NR <= inner {
+            let start = o * k * inner + pc * inner + i0;
+            let end = start + (kc - 1) * inner + NR;
+            t.pack_kn(p.fmt, &wb[start..end], inner, kc, dst);
+            return;
+        }
+        if inner == 1 {
+            t.pack_nk(p.fmt, &wb[j * k..(j + cols) * k], k, pc, kc, cols, dst);
+            return;
+        }
+    }
+    let (tab, _) = p.bk.domain(p.fmt);
+    for x in 0..NR {
+        if x < cols {
+            let c = j + x;
+            let base = (c / inner) * k * inner + c % inner;
+            for kk in 0..kc {
+                dst[kk * NR + x] = tab[wb[base + (pc + kk) * inner] as usize];
+            }
+        } else {
+            for kk in 0..kc {
+                dst[kk * NR + x] = 0.0;
+            }
+        }
+    }
+}
+
+/// Microkernel: for `r < mr`, `x < cols`:
+/// `c[r*ldc + x] = (first ? 0 : c[..]) + sum_kk a[r*lda + kk] * b[kk*NR + x]`, then times
+/// `mul[x]` if given.
+#[allow(clippy::too_many_arguments)]
+fn micro(
+    bk: Backend,
+    a: &[f32],
+    mr: usize,
+    lda: usize,
+    kc: usize,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    cols: usize,
+    first: bool,
+    mul: Option<&[f32; NR]>,
+) {
+    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols));
+    assert!(a.len() >= (mr - 1) * lda + kc && b.len() >= kc * NR);
+    assert!(c.len() >= (mr - 1) * ldc + cols);
+    match bk {
+        Backend::Scalar => scalar::micro(a, mr, lda, kc, b, c, ldc, cols, first, mul),
+        Backend::Avx2(t) => t.micro(a, mr, lda, kc, b, c, ldc, cols, first, mul),
+    }
+}

@@ -1,0 +1,533 @@
+//! AVX2 + FMA + F16C kernels.
+//!
+//! FP8 bytes are widened to f16 bit patterns in 16-bit lanes and converted with `vcvtph2ps`:
+//! e5m2 is exactly the high byte of an f16; e4m3fn becomes `s 0 eeee mmm 0000000`, i.e. its
+//! value times 2^-8 (exact, subnormals included), with the NaN code patched to an f16 NaN.
+//! The 2^8 is folded into the final per-column multiplier (see `Backend::domain`).
+//!
+//! The safe methods of [`Avx2`] re-check every bound the unsafe bodies rely on; an `Avx2`
+//! value only exists when the CPU supports the instructions.
+#![allow(clippy::too_many_arguments)]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::{Mul, MR, NR};
+use crate::fp8::Format;
+
+/// Proof that AVX2, FMA and F16C are available.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    pub(crate) fn new() -> Option<Avx2> {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Some(Avx2(()));
+        }
+        None
+    }
+}
+
+fn check_mul(mul: &Mul, ncols: usize) {
+    if let Some(s) = mul.per {
+        assert!(s.len() >= ncols);
+    }
+}
+
+fn scaled_table(fmt: Format) -> &'static [f32; 256] {
+    match fmt {
+        Format::E4m3fn => &super::E4M3_SCALED,
+        Format::E5m2 => super::table(Format::E5m2),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Avx2 {
+    pub(super) fn gemv_kn(
+        self,
+        _: Format,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: &[u8],
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: Mul,
+    ) {
+        unreachable!()
+    }
+    pub(super) fn gemv_nk(
+        self,
+        _: Format,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: &[u8],
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: Mul,
+    ) {
+        unreachable!()
+    }
+    pub(super) fn pack_kn(self, _: Format, _: &[u8], _: usize, _: usize, _: &mut [f32]) {
+        unreachable!()
+    }
+    pub(super) fn pack_nk(
+        self,
+        _: Format,
+        _: &[u8],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!()
+    }
+    pub(super) fn micro(
+        self,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+        _: bool,
+        _: Option<&[f32; NR]>,
+    ) {
+        unreachable!()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// See `super::gemv_kn`.
+    pub(super) fn gemv_kn(
+        self,
+        fmt: Format,
+        lhs: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[u8],
+        ws: usize,
+        ncols: usize,
+        out: &mut [f32],
+        os: usize,
+        mul: Mul,
+    ) {
+        assert!((1..=4).contains(&rows) && k >= 1 && ncols <= ws);
+        assert!(lhs.len() >= rows * k && w.len() >= (k - 1) * ws + ncols);
+        assert!(out.len() >= (rows - 1) * os + ncols);
+        check_mul(&mul, ncols);
+        let tab = scaled_table(fmt);
+        let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        macro_rules! go {
+            ($e5:literal) => {
+                match rows {
+                    1 => kn::<$e5, 1, 4>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    2 => kn::<$e5, 2, 2>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    3 => kn::<$e5, 3, 1>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    _ => kn::<$e5, 4, 1>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                }
+            };
+        }
+        // SAFETY: the token proves AVX2/FMA/F16C; the asserts above bound every access `kn`
+        // makes: lhs `r*k + kk`, weights `kk*ws + c` with `c < ncols`, out `r*os + c`, scales
+        // `c < ncols`.
+        unsafe {
+            match fmt {
+                Format::E4m3fn => go!(false),
+                Format::E5m2 => go!(true),
+            }
+        }
+    }
+
+    /// See `super::gemv_nk`.
+    pub(super) fn gemv_nk(
+        self,
+        fmt: Format,
+        lhs: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[u8],
+        ncols: usize,
+        out: &mut [f32],
+        os: usize,
+        mul: Mul,
+    ) {
+        assert!((1..=4).contains(&rows) && k >= 1);
+        assert!(lhs.len() >= rows * k && w.len() >= ncols * k);
+        assert!(out.len() >= (rows - 1) * os + ncols);
+        check_mul(&mul, ncols);
+        let tab = scaled_table(fmt);
+        let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        macro_rules! go {
+            ($e5:literal) => {
+                match rows {
+                    1 => nk::<$e5, 1, 4>(l, k, wp, ncols, o, os, &mul, tab),
+                    2 => nk::<$e5, 2, 2>(l, k, wp, ncols, o, os, &mul, tab),
+                    3 => nk::<$e5, 3, 1>(l, k, wp, ncols, o, os, &mul, tab),
+                    _ => nk::<$e5, 4, 1>(l, k, wp, ncols, o, os, &mul, tab),
+                }
+            };
+        }
+        // SAFETY: the token proves AVX2/FMA/F16C; the asserts above bound every access `nk`
+        // makes: lhs `r*k + kk`, weights `c*k + kk`, out `r*os + c`, scales `c < ncols`.
+        unsafe {
+            match fmt {
+                Format::E4m3fn => go!(false),
+                Format::E5m2 => go!(true),
+            }
+        }
+    }
+
+    /// Converts 16 consecutive bytes of `kc` rows (`w[kk*ws..kk*ws+16]`) into `dst[kk*16..]`.
+    pub(super) fn pack_kn(self, fmt: Format, w: &[u8], ws: usize, kc: usize, dst: &mut [f32]) {
+        assert!(kc >= 1 && w.len() >= (kc - 1) * ws + NR && dst.len() >= kc * NR);
+        let (wp, d) = (w.as_ptr(), dst.as_mut_ptr());
+        // SAFETY: the token proves AVX2/FMA/F16C; reads `kk*ws .. kk*ws+16` and writes
+        // `kk*16 .. kk*16+16` for `kk < kc`, inside the asserted lengths.
+        unsafe {
+            match fmt {
+                Format::E4m3fn => pack_kn_impl::<false>(wp, ws, kc, d),
+                Format::E5m2 => pack_kn_impl::<true>(wp, ws, kc, d),
+            }
+        }
+    }
+
+    /// Packs depths `pc..pc+kc` of `cols` NK columns (`w[x*k + kk]`) into `dst[kk*16 + x]`,
+    /// zero-filling columns `cols..16`.
+    pub(super) fn pack_nk(
+        self,
+        fmt: Format,
+        w: &[u8],
+        k: usize,
+        pc: usize,
+        kc: usize,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        assert!(cols <= NR && pc + kc <= k && w.len() >= cols * k && dst.len() >= kc * NR);
+        let tab = scaled_table(fmt);
+        for x in 0..NR {
+            if x >= cols {
+                for kk in 0..kc {
+                    dst[kk * NR + x] = 0.0;
+                }
+                continue;
+            }
+            let col = &w[x * k + pc..x * k + pc + kc];
+            let mut kk = 0;
+            let mut tmp = [0.0f32; 16];
+            while kk + 16 <= kc {
+                // SAFETY: the token proves AVX2/FMA/F16C; reads `col[kk..kk+16]`, in bounds
+                // by the loop condition, and writes the 16 floats of `tmp`.
+                unsafe {
+                    let (lo, hi) = match fmt {
+                        Format::E4m3fn => cvt16::<false>(col.as_ptr().add(kk)),
+                        Format::E5m2 => cvt16::<true>(col.as_ptr().add(kk)),
+                    };
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+                }
+                for (t, &v) in tmp.iter().enumerate() {
+                    dst[(kk + t) * NR + x] = v;
+                }
+                kk += 16;
+            }
+            for kk in kk..kc {
+                dst[kk * NR + x] = tab[col[kk] as usize];
+            }
+        }
+    }
+
+    /// See `super::micro`.
+    pub(super) fn micro(
+        self,
+        a: &[f32],
+        mr: usize,
+        lda: usize,
+        kc: usize,
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        first: bool,
+        mul: Option<&[f32; NR]>,
+    ) {
+        assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols));
+        assert!(a.len() >= (mr - 1) * lda + kc && b.len() >= kc * NR);
+        assert!(c.len() >= (mr - 1) * ldc + cols);
+        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        // SAFETY: the token proves AVX2/FMA/F16C; `micro_impl` reads `a[r*lda + kk]`,
+        // `b[kk*16 .. kk*16+16]` and reads/writes `c[r*ldc + x]` for `r < mr`, `kk < kc`,
+        // `x < cols`, all inside the asserted lengths.
+        unsafe {
+            match mr {
+                1 => micro_impl::<1>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                2 => micro_impl::<2>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                3 => micro_impl::<3>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                4 => micro_impl::<4>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                5 => micro_impl::<5>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                _ => micro_impl::<6>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+            }
+        }
+    }
+}
+
+/// 16 FP8 codes at `p` as two vectors of 8 f32 (e4m3fn: times 2^-8).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
+    let b = _mm_loadu_si128(p as *const __m128i);
+    let h = if E5 {
+        _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(b))
+    } else {
+        // Sign-extended then shifted: bits 15 and 14 hold the sign, 13..7 exponent and
+        // mantissa; clearing bit 14 leaves the f16 pattern of value * 2^-8.
+        let w = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(b));
+        let h = _mm256_and_si256(w, _mm256_set1_epi16(0xBFFFu16 as i16));
+        let mag = _mm256_and_si256(h, _mm256_set1_epi16(0x7FFF));
+        let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3F80));
+        _mm256_or_si256(h, nan)
+    };
+    (
+        _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
+    )
+}
+
+/// Multipliers of columns `c..c+8`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mul8(mul: &Mul, c: usize) -> __m256 {
+    match mul.per {
+        Some(s) => _mm256_mul_ps(_mm256_loadu_ps(s.as_ptr().add(c)), _mm256_set1_ps(mul.unit)),
+        None => _mm256_set1_ps(mul.tensor),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kn<const E5: bool, const R: usize, const H: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const u8,
+    ws: usize,
+    ncols: usize,
+    out: *mut f32,
+    os: usize,
+    mul: &Mul,
+    tab: &[f32; 256],
+) {
+    let mut c = 0;
+    while c + 16 * H <= ncols {
+        kn_block::<E5, R, H>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
+        c += 16 * H;
+    }
+    while c + 16 <= ncols {
+        kn_block::<E5, R, 1>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
+        c += 16;
+    }
+    for c in c..ncols {
+        for r in 0..R {
+            let mut s = 0.0f32;
+            for kk in 0..k {
+                s += *lhs.add(r * k + kk) * tab[*w.add(kk * ws + c) as usize];
+            }
+            *out.add(r * os + c) = s * mul.at(c);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kn_block<const E5: bool, const R: usize, const H: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const u8,
+    ws: usize,
+    out: *mut f32,
+    os: usize,
+    mul: &Mul,
+    c: usize,
+) {
+    let mut acc = [[[_mm256_setzero_ps(); 2]; H]; R];
+    let mut p = w;
+    for kk in 0..k {
+        let mut v = [[_mm256_setzero_ps(); 2]; H];
+        for (h, v) in v.iter_mut().enumerate() {
+            let (lo, hi) = cvt16::<E5>(p.add(16 * h));
+            *v = [lo, hi];
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = _mm256_set1_ps(*lhs.add(r * k + kk));
+            for h in 0..H {
+                acc[h][0] = _mm256_fmadd_ps(a, v[h][0], acc[h][0]);
+                acc[h][1] = _mm256_fmadd_ps(a, v[h][1], acc[h][1]);
+            }
+        }
+        p = p.add(ws);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, acc) in acc.iter().enumerate() {
+            for (half, &v) in acc.iter().enumerate() {
+                let col = 16 * h + 8 * half;
+                let m = mul8(mul, c + col);
+                _mm256_storeu_ps(out.add(r * os + col), _mm256_mul_ps(v, m));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nk<const E5: bool, const R: usize, const C: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const u8,
+    ncols: usize,
+    out: *mut f32,
+    os: usize,
+    mul: &Mul,
+    tab: &[f32; 256],
+) {
+    let mut c = 0;
+    while c + C <= ncols {
+        nk_block::<E5, R, C>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab);
+        c += C;
+    }
+    while c < ncols {
+        nk_block::<E5, R, 1>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab);
+        c += 1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const u8,
+    out: *mut f32,
+    os: usize,
+    mul: &Mul,
+    c0: usize,
+    tab: &[f32; 256],
+) {
+    let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+    let k16 = k - k % 16;
+    let mut kk = 0;
+    while kk < k16 {
+        for (ci, col) in (0..C).map(|ci| (ci, w.add(ci * k + kk))) {
+            let (lo, hi) = cvt16::<E5>(col);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = lhs.add(r * k + kk);
+                acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
+                acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
+            }
+        }
+        kk += 16;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (ci, acc) in acc.iter().enumerate() {
+            let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+            for kk in k16..k {
+                s += *lhs.add(r * k + kk) * tab[*w.add(ci * k + kk) as usize];
+            }
+            *out.add(r * os + ci) = s * mul.at(c0 + ci);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_kn_impl<const E5: bool>(w: *const u8, ws: usize, kc: usize, dst: *mut f32) {
+    for kk in 0..kc {
+        let (lo, hi) = cvt16::<E5>(w.add(kk * ws));
+        _mm256_storeu_ps(dst.add(kk * NR), lo);
+        _mm256_storeu_ps(dst.add(kk * NR + 8), hi);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_impl<const M: usize>(
+    a: *const f32,
+    lda: usize,
+    kc: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+    mul: Option<&[f32; NR]>,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    let mut bp = b;
+    for kk in 0..kc {
+        let b0 = _mm256_loadu_ps(bp);
+        let b1 = _mm256_loadu_ps(bp.add(8));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_set1_ps(*a.add(r * lda + kk));
+            acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+        }
+        bp = bp.add(NR);
+    }
+    if cols == NR {
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                let p = c.add(r * ldc + 8 * h);
+                let mut v = v;
+                if !first {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(p));
+                }
+                if let Some(m) = mul {
+                    v = _mm256_mul_ps(v, _mm256_loadu_ps(m.as_ptr().add(8 * h)));
+                }
+                _mm256_storeu_ps(p, v);
+            }
+        }
+    } else {
+        let mut tmp = [0.0f32; NR];
+        for (r, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+            for (x, &t) in tmp.iter().enumerate().take(cols) {
+                let p = c.add(r * ldc + x);
+                let mut v = t;
+                if !first {
+                    v += *p;
+                }
+                if let Some(m) = mul {
+                    v *= m[x];
+                }
+                *p = v;
+            }
+        }
+    }
+}

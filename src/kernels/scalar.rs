@@ -1,0 +1,101 @@
+//! Portable kernels: table decode, plain loops. Bounds are checked by the callers.
+use super::{Mul, NR};
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemv_kn(
+    tab: &[f32; 256],
+    lhs: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[u8],
+    ws: usize,
+    ncols: usize,
+    out: &mut [f32],
+    os: usize,
+    mul: Mul,
+) {
+    for r in 0..rows {
+        let acc = &mut out[r * os..r * os + ncols];
+        acc.fill(0.0);
+        for kk in 0..k {
+            let a = lhs[r * k + kk];
+            let row = &w[kk * ws..kk * ws + ncols];
+            for (o, &q) in acc.iter_mut().zip(row) {
+                *o += a * tab[q as usize];
+            }
+        }
+        for (c, o) in acc.iter_mut().enumerate() {
+            *o *= mul.at(c);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemv_nk(
+    tab: &[f32; 256],
+    lhs: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[u8],
+    ncols: usize,
+    out: &mut [f32],
+    os: usize,
+    mul: Mul,
+) {
+    for c in 0..ncols {
+        let col = &w[c * k..(c + 1) * k];
+        for r in 0..rows {
+            let a = &lhs[r * k..(r + 1) * k];
+            let mut acc = [0.0f32; 4];
+            let mut ch = col.chunks_exact(4).zip(a.chunks_exact(4));
+            for (q, x) in &mut ch {
+                for t in 0..4 {
+                    acc[t] += x[t] * tab[q[t] as usize];
+                }
+            }
+            let tail = k - k % 4;
+            let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            for kk in tail..k {
+                s += a[kk] * tab[col[kk] as usize];
+            }
+            out[r * os + c] = s * mul.at(c);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn micro(
+    a: &[f32],
+    mr: usize,
+    lda: usize,
+    kc: usize,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    cols: usize,
+    first: bool,
+    mul: Option<&[f32; NR]>,
+) {
+    let mut acc = [[0.0f32; NR]; super::MR];
+    for (r, acc) in acc.iter_mut().enumerate().take(mr) {
+        let a = &a[r * lda..r * lda + kc];
+        for (&x, bk) in a.iter().zip(b.chunks_exact(NR)) {
+            for (o, &y) in acc.iter_mut().zip(bk) {
+                *o += x * y;
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(mr) {
+        let dst = &mut c[r * ldc..r * ldc + cols];
+        for (x, d) in dst.iter_mut().enumerate() {
+            let mut v = acc[x];
+            if !first {
+                v += *d;
+            }
+            if let Some(m) = mul {
+                v *= m[x];
+            }
+            *d = v;
+        }
+    }
+}

@@ -1,0 +1,320 @@
+use super::*;
+use crate::parallel::{ScopedThreads, Serial};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    /// A random finite, non-NaN code.
+    fn code(&mut self, fmt: Format) -> u8 {
+        loop {
+            let c = self.next() as u8;
+            if decode(fmt, c).is_finite() {
+                return c;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    m: usize,
+    batch: usize,
+    outer: usize,
+    k: usize,
+    inner: usize,
+    fmt: Format,
+    per_channel: bool,
+    threads: usize,
+}
+
+struct Data {
+    lhs: Vec<f32>,
+    w: Vec<u8>,
+    scale: Vec<f32>,
+}
+
+fn make(c: &Case, seed: u64) -> Data {
+    let mut rng = Rng(seed);
+    let n = c.outer * c.inner;
+    Data {
+        lhs: (0..c.batch * c.m * c.k)
+            .map(|_| rng.f32(-1.0, 1.0))
+            .collect(),
+        w: (0..c.batch * c.outer * c.k * c.inner)
+            .map(|_| rng.code(c.fmt))
+            .collect(),
+        scale: if c.per_channel {
+            (0..c.batch * n).map(|_| rng.f32(0.25, 2.0)).collect()
+        } else {
+            vec![rng.f32(0.25, 2.0)]
+        },
+    }
+}
+
+/// float64 triple loop of `sum lhs * (decode(w) * scale)`.
+fn reference(c: &Case, d: &Data) -> Vec<f64> {
+    let n = c.outer * c.inner;
+    let mut out = vec![0.0f64; c.batch * c.m * n];
+    for b in 0..c.batch {
+        for o in 0..c.outer {
+            for i in 0..c.inner {
+                let col = o * c.inner + i;
+                let s = if c.per_channel {
+                    d.scale[b * n + col]
+                } else {
+                    d.scale[0]
+                } as f64;
+                for r in 0..c.m {
+                    let mut acc = 0.0f64;
+                    for kk in 0..c.k {
+                        let q = d.w[((b * c.outer + o) * c.k + kk) * c.inner + i];
+                        let wv = decode(c.fmt, q) as f64 * s;
+                        acc += d.lhs[(b * c.m + r) * c.k + kk] as f64 * wv;
+                    }
+                    out[(b * c.m + r) * n + col] = acc;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn run(isa: Isa, c: &Case, d: &Data) -> Vec<f32> {
+    let n = c.outer * c.inner;
+    let mut out = vec![f32::NAN; c.batch * c.m * n];
+    let w = Fp8Weights {
+        data: &d.w,
+        format: c.fmt,
+        batch: c.batch,
+        outer: c.outer,
+        k: c.k,
+        inner: c.inner,
+    };
+    let scale = if c.per_channel {
+        WeightScale::PerChannel(&d.scale)
+    } else {
+        WeightScale::PerTensor(d.scale[0])
+    };
+    if c.threads > 1 {
+        let par = ScopedThreads(c.threads);
+        fp8_matmul_with(isa, &par, &d.lhs, c.m, &w, scale, &mut out);
+    } else {
+        fp8_matmul_with(isa, &Serial, &d.lhs, c.m, &w, scale, &mut out);
+    }
+    out
+}
+
+/// Normwise relative error `max |out - ref| / max |ref|` must be <= 1e-5; NaN/inf must match.
+fn compare(c: &Case, got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len());
+    let max_ref = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut max_diff = 0.0f64;
+    for (idx, (&g, &r)) in got.iter().zip(want).enumerate() {
+        if r.is_nan() || r.is_infinite() {
+            let same = (r.is_nan() && g.is_nan()) || (g as f64 == r);
+            assert!(same, "{what} {c:?}: element {idx} is {g}, want {r}");
+            continue;
+        }
+        assert!(
+            g.is_finite(),
+            "{what} {c:?}: element {idx} is {g}, want {r}"
+        );
+        max_diff = max_diff.max((g as f64 - r).abs());
+    }
+    let tol = 1e-5 * max_ref.max(1e-30);
+    assert!(
+        max_diff <= tol,
+        "{what} {c:?}: max diff {max_diff} vs max |ref| {max_ref}"
+    );
+}
+
+fn check(c: Case, seed: u64) {
+    let d = make(&c, seed);
+    let want = reference(&c, &d);
+    for isa in Isa::all_supported() {
+        let got = run(isa, &c, &d);
+        compare(&c, &got, &want, isa.name());
+    }
+}
+
+#[test]
+fn small_shapes_every_path() {
+    let mut seed = 1;
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for m in [0, 1, 2, 3, 4, 5, 7, 17] {
+            for k in [0, 1, 15, 33] {
+                // (outer, inner): KN, NK, per-head, wider KN/NK with vector tails.
+                for (outer, inner) in [(1, 7), (31, 1), (3, 5), (1, 40), (40, 1), (2, 33)] {
+                    seed += 1;
+                    check(
+                        Case {
+                            m,
+                            batch: 1 + 2 * (seed as usize % 2),
+                            outer,
+                            k,
+                            inner,
+                            fmt,
+                            per_channel: seed % 3 != 0,
+                            threads: if seed % 4 < 2 { 1 } else { 3 },
+                        },
+                        seed,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_shapes() {
+    for (m, outer, k, inner) in [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 4, 0), (2, 3, 0, 5)] {
+        for batch in [0, 1, 3] {
+            check(
+                Case {
+                    m,
+                    batch,
+                    outer,
+                    k,
+                    inner,
+                    fmt: Format::E4m3fn,
+                    per_channel: true,
+                    threads: 3,
+                },
+                9,
+            );
+        }
+    }
+}
+
+#[test]
+fn block_shapes() {
+    // KN [640, 256], NK [256, 640], per-head [4, 64, 64] with vector-multiple sizes, across
+    // the GEMV and GEMM paths.
+    let mut seed = 100;
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for m in [1, 2, 3, 5, 17, 64] {
+            for (outer, k, inner) in [(1, 640, 256), (256, 640, 1), (4, 64, 64), (1, 300, 31)] {
+                seed += 1;
+                check(
+                    Case {
+                        m,
+                        batch: if seed % 2 == 0 { 3 } else { 1 },
+                        outer,
+                        k,
+                        inner,
+                        fmt,
+                        per_channel: seed % 3 == 0,
+                        threads: if seed % 4 < 2 { 3 } else { 1 },
+                    },
+                    seed,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn nan_and_inf_codes_propagate() {
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for (m, outer, k, inner) in [
+            (1, 1, 40, 48),
+            (2, 48, 40, 1),
+            (9, 1, 40, 48),
+            (9, 48, 40, 1),
+        ] {
+            let c = Case {
+                m,
+                batch: 1,
+                outer,
+                k,
+                inner,
+                fmt,
+                per_channel: false,
+                threads: 1,
+            };
+            let mut d = make(&c, 77);
+            let n = outer * inner;
+            // Weight index of (kk, col) in this batch-1 layout.
+            let at = |kk: usize, col: usize| (col / inner * k + kk) * inner + col % inner;
+            let nan = if fmt == Format::E4m3fn { 0x7F } else { 0x7E };
+            d.w[at(3, 5)] = nan;
+            d.w[at(20, 17 % n)] = nan | 0x80;
+            if fmt == Format::E5m2 {
+                d.w[at(7, 30)] = 0x7C; // +inf
+                d.w[at(8, 31)] = 0xFC; // -inf
+            }
+            let want = reference(&c, &d);
+            assert!(want[5].is_nan());
+            for isa in Isa::all_supported() {
+                compare(&c, &run(isa, &c, &d), &want, isa.name());
+            }
+        }
+    }
+}
+
+/// Gemma3-270M shapes, GEMV and prefill GEMM. Slow without optimisations.
+#[test]
+#[cfg_attr(debug_assertions, ignore)]
+fn model_shapes() {
+    let mut seed = 1000;
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for (m, outer, k, inner) in [
+            (1, 1, 640, 2048),
+            (3, 1, 2048, 640),
+            (1, 4, 640, 256),
+            (512, 1, 640, 2048),
+            (512, 1, 2048, 640),
+            (512, 4, 640, 256),
+            (64, 2048, 640, 1),
+            (100, 1, 1024, 640),
+        ] {
+            seed += 1;
+            check(
+                Case {
+                    m,
+                    batch: 1,
+                    outer,
+                    k,
+                    inner,
+                    fmt,
+                    per_channel: seed % 2 == 0,
+                    threads: 3,
+                },
+                seed,
+            );
+        }
+    }
+}
+
+/// Tied-logits GEMV: [262144, 640] NK, m = 1.
+#[test]
+#[cfg_attr(debug_assertions, ignore)]
+fn logits_gemv() {
+    check(
+        Case {
+            m: 1,
+            batch: 1,
+            outer: 262144,
+            k: 640,
+            inner: 1,
+            fmt: Format::E4m3fn,
+            per_channel: true,
+            threads: 3,
+        },
+        5,
+    );
+}
