@@ -333,6 +333,7 @@ pub struct Op {
 
 impl Op {
     /// A new op with no regions, properties or attributes.
+    #[allow(clippy::too_many_arguments)]
     pub fn simple(
         id: u32,
         pos: Pos,
@@ -378,9 +379,7 @@ impl Op {
         let mut names = Vec::new();
         let single = self.results.len() == 1 && self.results[0].count == 1;
         for g in &self.results {
-            if single {
-                names.push(g.name.clone());
-            } else if g.count == 1 && !g.explicit_count {
+            if single || (g.count == 1 && !g.explicit_count) {
                 names.push(g.name.clone());
             } else {
                 for k in 0..g.count {

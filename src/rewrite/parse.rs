@@ -104,7 +104,12 @@ struct Parser<'a> {
 
 fn line_starts(src: &str) -> Vec<usize> {
     std::iter::once(0)
-        .chain(src.bytes().enumerate().filter(|&(_, b)| b == b'\n').map(|(i, _)| i + 1))
+        .chain(
+            src.bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        )
         .collect()
 }
 
@@ -313,10 +318,8 @@ impl<'a> Parser<'a> {
                         _ => b'>',
                     });
                 }
-                b')' | b']' | b'}' | b'>' => {
-                    if stack.pop() != Some(b) {
-                        return Err(self.error("balanced brackets in a value"));
-                    }
+                b')' | b']' | b'}' | b'>' if stack.pop() != Some(b) => {
+                    return Err(self.error("balanced brackets in a value"));
                 }
                 _ => {}
             }
@@ -686,7 +689,10 @@ impl<'a> Parser<'a> {
             }
         }
         let start = self.pos;
-        while self.peek().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        while self
+            .peek()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
             self.pos += 1;
         }
         if self.pos == start || self.peek() == Some(b'<') {
@@ -722,9 +728,16 @@ mod tests {
         assert_eq!(tt.dims, vec![Dim::Static(2), Dim::Dynamic, Dim::Static(3)]);
         assert_eq!(tt.element, ElementType::F8E4M3FN);
         assert_eq!(t.to_string(), "tensor<2x?x3xf8E4M3FN>");
-        assert_eq!(parse_type("tensor<f32>").unwrap().to_string(), "tensor<f32>");
         assert_eq!(
-            parse_type("tensor<4xindex>").unwrap().as_tensor().unwrap().element,
+            parse_type("tensor<f32>").unwrap().to_string(),
+            "tensor<f32>"
+        );
+        assert_eq!(
+            parse_type("tensor<4xindex>")
+                .unwrap()
+                .as_tensor()
+                .unwrap()
+                .element,
             ElementType::Other("index".into())
         );
         assert_eq!(
@@ -743,8 +756,9 @@ mod tests {
 
     #[test]
     fn error_position() {
-        let e = parse_module("\"builtin.module\"() ({\n  %0 = \"a.b\"(%x : () -> ()\n}) : () -> ()")
-            .unwrap_err();
+        let e =
+            parse_module("\"builtin.module\"() ({\n  %0 = \"a.b\"(%x : () -> ()\n}) : () -> ()")
+                .unwrap_err();
         assert_eq!((e.line, e.column), (2, 17));
         assert!(e.expected.contains("`,`"), "{e}");
         assert!(e.to_string().contains("parser"), "{e}");

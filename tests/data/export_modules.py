@@ -24,6 +24,8 @@ The generic form is what the Rust parser reads: it is one uniform grammar for ev
 (``"dialect.op"(operands) <{properties}> ({regions}) {attributes} : (types) -> types``), so no
 per-op pretty syntax has to be known, and XLA's ``serialize_portable_artifact`` accepts it.
 
+``--check-files A.mlir B.mlir ...`` only checks the given (rewritten) modules.
+
 ``--check`` additionally re-parses every module with jaxlib's MLIR (stablehlo dialects loaded)
 and serializes it as a portable artifact.
 """
@@ -218,6 +220,13 @@ def check():
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--check-files":
+        # Used by the Rust tests: every rewritten module must parse and serialize.
+        for path in sys.argv[2:]:
+            with open(path) as f:
+                check_text(f.read())
+            print(f"{path}: parses and serializes")
+        sys.exit(0)
     export_dot()
     export_mlp()
     export_gemma3()
