@@ -9,6 +9,8 @@ Writes, next to this script:
 
 * ``dot.mlir``      -- ``x @ w`` (x: f32[4,16], w: f32[16,8]).
 * ``mlp.mlir``      -- a 2-layer MLP whose weights and biases are arguments.
+* ``lhs_weight.mlir`` -- ``w @ x``: the weight is the lhs of the dot.
+* ``shared_call.mlir`` -- one private function called with a weight and with an activation.
 * ``gemma3.mlir``   -- the generate step of a tiny random-weight Keras-Hub ``Gemma3CausalLM``
   (2 layers, vocabulary 256, hidden 32, preprocessor=None), exported the way Keras-Hub's
   ``make_generate_function`` jit-compiles it: ``compiled_generate_function(inputs,
@@ -126,6 +128,34 @@ def export_mlp():
     write("mlp", exp, [arg(i, n, s) for i, (n, s) in enumerate(zip(names, specs))])
 
 
+def export_lhs_weight():
+    """The weight on the lhs of the dot: w @ x."""
+    specs = [
+        jax.ShapeDtypeStruct((8, 16), jnp.float32),
+        jax.ShapeDtypeStruct((16, 4), jnp.float32),
+    ]
+    exp = export(lambda w, x: w @ x, specs)
+    write("lhs_weight", exp, [arg(0, "w", specs[0]), arg(1, "x", specs[1])])
+
+
+def export_shared_call():
+    """One private function called with a weight and with an activation."""
+
+    @jax.jit
+    def layer(x, w):
+        return jnp.tanh(x @ w)
+
+    def f(x, w, y):
+        return layer(x, w) + layer(x, y)
+
+    names = ["x", "w", "y"]
+    specs = [jax.ShapeDtypeStruct((4, 16), jnp.float32)] + [
+        jax.ShapeDtypeStruct((16, 16), jnp.float32)
+    ] * 2
+    exp = export(f, specs)
+    write("shared_call", exp, [arg(i, n, s) for i, (n, s) in enumerate(zip(names, specs))])
+
+
 def export_gemma3():
     import keras
     import keras_hub
@@ -213,7 +243,7 @@ def check_text(text):
 
 
 def check():
-    for name in ["dot", "mlp", "gemma3"]:
+    for name in ["dot", "mlp", "lhs_weight", "shared_call", "gemma3"]:
         with open(os.path.join(HERE, name + ".mlir")) as f:
             check_text(f.read())
         print(f"{name}.mlir: parses and serializes")
@@ -229,6 +259,8 @@ if __name__ == "__main__":
         sys.exit(0)
     export_dot()
     export_mlp()
+    export_lhs_weight()
+    export_shared_call()
     export_gemma3()
     if "--check" in sys.argv:
         check()
