@@ -108,13 +108,19 @@ fn quantize_checked(module_name: &str, options_name: &str) -> Checked {
     for op in all_ops(&module) {
         if op.name == "stablehlo.dot_general" {
             for t in &op.operand_types {
-                assert!(!element(t).unwrap().is_fp8(), "dot_general on FP8 at {:?}", op.pos);
+                assert!(
+                    !element(t).unwrap().is_fp8(),
+                    "dot_general on FP8 at {:?}",
+                    op.pos
+                );
             }
         }
     }
     for mm in custom_calls(&module, "fp8xla_matmul") {
         assert!(element(&mm.operand_types[1]).unwrap().is_fp8());
-        assert!(element(&mm.operand_types[0]).unwrap().is_quantizable_float());
+        assert!(element(&mm.operand_types[0])
+            .unwrap()
+            .is_quantizable_float());
         let cfg = mm.prop("backend_config").unwrap();
         for key in [
             "lhs_contracting_dims = array<i64",
@@ -138,7 +144,10 @@ fn matmul_count(c: &Checked) -> usize {
 fn dot() {
     let c = quantize_checked("dot", "dot.quantize.json");
     assert_eq!(matmul_count(&c), 1);
-    assert_eq!(c.report["matmuls"][0]["rhs_contracting_dims"], serde_json::json!([0]));
+    assert_eq!(
+        c.report["matmuls"][0]["rhs_contracting_dims"],
+        serde_json::json!([0])
+    );
     golden("dot.quantize.mlir", &print_module(&c.module));
     golden("dot.quantize.report.json", &c.report.to_string());
 }
@@ -150,10 +159,16 @@ fn mlp_per_tensor_and_per_channel() {
     let mms = custom_calls(&c.module, "fp8xla_matmul");
     // w1: per-tensor with a_scale; w2: per-channel scales as a third operand.
     assert_eq!(mms[0].operands.len(), 2);
-    assert!(mms[0].prop("backend_config").unwrap().contains("a_scale = 1.999999955e-2 : f32"));
+    assert!(mms[0]
+        .prop("backend_config")
+        .unwrap()
+        .contains("a_scale = 1.999999955e-2 : f32"));
     assert_eq!(mms[1].operands.len(), 3);
     assert_eq!(mms[1].operand_types[2].to_string(), "tensor<4xf32>");
-    assert!(mms[1].prop("backend_config").unwrap().contains("w_scale_dim = 1 : i64"));
+    assert!(mms[1]
+        .prop("backend_config")
+        .unwrap()
+        .contains("w_scale_dim = 1 : i64"));
     golden("mlp.quantize.mlir", &print_module(&c.module));
     golden("mlp.quantize.report.json", &c.report.to_string());
 }
@@ -167,15 +182,24 @@ fn lhs_weight_is_swapped_and_transposed_back() {
     assert_eq!(mm.operand_types[0].to_string(), "tensor<16x4xf32>");
     assert_eq!(mm.result_types[0].to_string(), "tensor<4x8xf32>");
     let cfg = mm.prop("backend_config").unwrap();
-    assert!(cfg.contains("lhs_contracting_dims = array<i64: 0>"), "{cfg}");
-    assert!(cfg.contains("rhs_contracting_dims = array<i64: 1>"), "{cfg}");
+    assert!(
+        cfg.contains("lhs_contracting_dims = array<i64: 0>"),
+        "{cfg}"
+    );
+    assert!(
+        cfg.contains("rhs_contracting_dims = array<i64: 1>"),
+        "{cfg}"
+    );
     let t = all_ops(&c.module)
         .into_iter()
         .find(|o| o.name == "stablehlo.transpose")
         .expect("result transposed back");
     assert_eq!(t.prop("permutation"), Some("array<i64: 1, 0>"));
     assert_eq!(t.result_types[0].to_string(), "tensor<8x4xf32>");
-    assert_eq!(c.report["matmuls"][0]["output_transpose"], serde_json::json!([1, 0]));
+    assert_eq!(
+        c.report["matmuls"][0]["output_transpose"],
+        serde_json::json!([1, 0])
+    );
     golden("lhs_weight.quantize.mlir", &print_module(&c.module));
 }
 
@@ -293,7 +317,10 @@ fn gemma3_per_channel_skips_and_site_scales() {
         .iter()
         .filter(|m| m.operands.len() == 3)
         .count();
-    assert_eq!(per_channel, 6, "ffw_gating and ffw_gating_2, prefill and decode");
+    assert_eq!(
+        per_channel, 6,
+        "ffw_gating and ffw_gating_2, prefill and decode"
+    );
     assert_no_float_table(&c.module);
 }
 

@@ -59,7 +59,11 @@ pub fn decode(format: Format, code: u8) -> f32 {
     match format {
         Format::E4m3fn if exp == emax && man == (1 << mbits) - 1 => return f32::NAN,
         Format::E5m2 if exp == emax => {
-            return if man == 0 { sign * f32::INFINITY } else { f32::NAN };
+            return if man == 0 {
+                sign * f32::INFINITY
+            } else {
+                f32::NAN
+            };
         }
         _ => {}
     }

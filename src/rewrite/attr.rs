@@ -303,7 +303,8 @@ mod tests {
             ft.print(),
             "(tensor<2xf32>, tensor<f32>) -> (tensor<2xf32>, tensor<i1>)"
         );
-        assert_eq!(fmt_f32(0.0123), "1.230000000e-2");
+        assert_eq!(fmt_f32(0.5), "5.000000000e-1");
+        assert_eq!(fmt_f32(448.0), "4.480000000e2");
         let mut aliases = std::collections::HashMap::new();
         aliases.insert("#loc3".to_string(), "loc(\"a/b\"(#loc1))".to_string());
         assert_eq!(loc_name("loc(#loc3)", &aliases).as_deref(), Some("a/b"));

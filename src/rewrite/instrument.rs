@@ -19,6 +19,7 @@ pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, Stri
     let listed = m.get("weights").is_some_and(|v| !v.is_null());
     let weights = index_list(m.get("weights"), "`weights`")?;
     let mut module = parse_module(module_text)?;
+    verify(&module)?;
     let aliases = aliases(&module);
 
     let func = flow::find_func(&module, &entry).ok_or_else(|| {

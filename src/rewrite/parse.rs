@@ -21,8 +21,12 @@ use super::ir::{
 };
 use super::RewriteError;
 
-/// Deepest nesting of regions (and of brackets inside a value) the parser accepts.
+/// Deepest nesting of brackets inside a value the parser accepts.
 pub const MAX_DEPTH: usize = 200;
+
+/// Deepest nesting of regions the parser accepts (exported modules nest a handful of levels;
+/// the bound keeps recursion far from the stack limit).
+pub const MAX_REGION_DEPTH: usize = 48;
 
 /// Parses a module printed in MLIR's generic form.
 pub fn parse_module(text: &str) -> Result<Module, RewriteError> {
@@ -358,7 +362,7 @@ impl<'a> Parser<'a> {
     }
 
     fn op(&mut self, depth: usize) -> Result<Op, RewriteError> {
-        if depth > MAX_DEPTH {
+        if depth > MAX_REGION_DEPTH {
             return Err(self.error("less deeply nested regions"));
         }
         self.skip_ws();

@@ -164,6 +164,7 @@ fn scale_json(s: &Scale) -> Value {
 pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String), RewriteError> {
     let opts = parse_options(options_json)?;
     let mut module = parse_module(module_text)?;
+    verify(&module)?;
     let aliases = aliases(&module);
     let stage = "quantize";
 
