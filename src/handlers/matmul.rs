@@ -10,7 +10,7 @@
 //! an error rather than silently copied.
 use super::{check_scale, fp8_format};
 use crate::fp8::{self, Format};
-use crate::kernels::matmul::{fp8_matmul, Fp8Weights, WeightScale};
+use crate::kernels::{fp8_matmul, Fp8Weights, WeightScale};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
 

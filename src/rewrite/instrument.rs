@@ -1,0 +1,123 @@
+//! The `instrument` pass: `fp8xla_observe` on the activation of every weight `dot_general`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{json, Value};
+
+use super::emit::{with_props, Names};
+use super::flow;
+use super::ir::{ElementType, Op, Type};
+use super::options::{arg_paths, check_keys, entry_name, index_list, parse_json};
+use super::{aliases, loc_json, parse_module, print_module, verify, RewriteError};
+
+/// Runs the pass; see the module documentation of [`super`] for the options and the table.
+pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, String), RewriteError> {
+    let m = parse_json(options_json)?;
+    check_keys(&m, &["entry", "weights", "args"], "the instrument options")?;
+    let entry = entry_name(&m)?;
+    let paths: HashMap<usize, String> = arg_paths(&m)?;
+    let listed = m.get("weights").is_some_and(|v| !v.is_null());
+    let weights = index_list(m.get("weights"), "`weights`")?;
+    let mut module = parse_module(module_text)?;
+    verify(&module)?;
+    let aliases = aliases(&module);
+
+    let func = flow::find_func(&module, &entry).ok_or_else(|| {
+        RewriteError::new(
+            "instrument",
+            module.top.pos,
+            &format!("an entry function `@{entry}`"),
+            "no such function",
+        )
+    })?;
+    let entry_args: Vec<(Type, Option<String>)> = func
+        .regions
+        .first()
+        .and_then(|r| r.blocks.first())
+        .map(|b| {
+            b.args
+                .iter()
+                .map(|a| (a.ty.clone(), a.loc.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut args: BTreeMap<usize, Option<ElementType>> = BTreeMap::new();
+    if listed {
+        for w in weights {
+            args.insert(w, None);
+        }
+    } else {
+        for (i, (ty, _)) in entry_args.iter().enumerate() {
+            if ty
+                .as_tensor()
+                .is_some_and(|t| t.element.is_quantizable_float() && t.rank() >= 2)
+            {
+                args.insert(i, None);
+            }
+        }
+    }
+    let flow = flow::follow(&mut module, &entry, &args, "instrument")?;
+    let sites = flow::sites(&module, &flow)?;
+    let mut names = Names::new(&module);
+    let mut table = Vec::new();
+    for s in &sites {
+        let op = module.top.find(s.op).expect("site op exists").clone();
+        let a = 1 - s.weight_operand;
+        let (Some(x), Some(ty)) = (op.operands.get(a), op.operand_types.get(a)) else {
+            continue;
+        };
+        let obs = names.fresh();
+        let id = module.fresh_id();
+        let call = Op::simple(
+            id,
+            op.pos,
+            Some(&obs),
+            "stablehlo.custom_call",
+            vec![x.clone()],
+            vec![ty.clone()],
+            vec![ty.clone()],
+            op.loc.clone(),
+        );
+        let call = with_props(
+            call,
+            vec![
+                ("api_version", "4 : i32".into()),
+                ("backend_config", format!("{{site = {} : i64}}", s.site)),
+                ("call_target_name", "\"fp8xla_observe\"".into()),
+                ("has_side_effect", "true".into()),
+            ],
+        );
+        module.insert_before(s.op, vec![call]);
+        if let Some(dot) = module.top.find_mut(s.op) {
+            dot.operands[a] = obs;
+        }
+        let arg_loc = entry_args
+            .get(s.arg)
+            .and_then(|(_, l)| l.clone())
+            .map(|l| loc_json(&Some(l), &aliases));
+        let t = ty.as_tensor();
+        table.push(json!({
+            "site": s.site,
+            "arg": s.arg,
+            "arg_name": arg_loc,
+            "path": paths.get(&s.arg),
+            "function": s.function,
+            "loc": loc_json(&op.loc, &aliases),
+            "weight_operand": if s.weight_operand == 1 { "rhs" } else { "lhs" },
+            "transposed_weight": s.transposed.is_some(),
+            "activation_shape": t.and_then(|t| t.static_shape()),
+            "activation_dtype": t.map(|t| t.element.to_string()),
+        }));
+    }
+    verify(&module)?;
+    let out = json!({
+        "pass": "instrument",
+        "entry": entry,
+        "weights": args.keys().collect::<Vec<_>>(),
+        "sites": Value::Array(table),
+    });
+    Ok((
+        print_module(&module),
+        serde_json::to_string_pretty(&out).unwrap_or_default(),
+    ))
+}

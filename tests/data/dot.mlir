@@ -1,0 +1,23 @@
+#loc1 = loc("x")
+#loc2 = loc("w")
+"builtin.module"() <{sym_name = "jit__lambda"}> ({
+  "func.func"() <{function_type = (tensor<4x16xf32>, tensor<16x8xf32>) -> tensor<4x8xf32>, res_attrs = [{jax.result_info = "result"}], sym_name = "main", sym_visibility = "public"}> ({
+  ^bb0(%arg0: tensor<4x16xf32> loc("x"), %arg1: tensor<16x8xf32> loc("w")):
+    %0 = "stablehlo.dot_general"(%arg0, %arg1) <{dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], rhs_contracting_dimensions = [0]>}> : (tensor<4x16xf32>, tensor<16x8xf32>) -> tensor<4x8xf32> loc(#loc15)
+    "func.return"(%0) : (tensor<4x8xf32>) -> () loc(#loc14)
+  }) : () -> () loc(#loc)
+}) {jax.uses_shape_polymorphism = false, mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} : () -> () loc(#loc)
+#loc = loc(unknown)
+#loc3 = loc("tests/data/export_modules.py":110:30 to :35)
+#loc4 = loc("tests/data/export_modules.py":102:11 to :67)
+#loc5 = loc("tests/data/export_modules.py":110:10 to :43)
+#loc6 = loc("tests/data/export_modules.py":260:4 to :16)
+#loc7 = loc("export_dot.<locals>.<lambda>"(#loc3))
+#loc8 = loc("export"(#loc4))
+#loc9 = loc("export_dot"(#loc5))
+#loc10 = loc("<module>"(#loc6))
+#loc11 = loc(callsite(#loc9 at #loc10))
+#loc12 = loc(callsite(#loc8 at #loc11))
+#loc13 = loc(callsite(#loc7 at #loc12))
+#loc14 = loc("jit(<lambda>)"(#loc12))
+#loc15 = loc("jit(<lambda>)/dot_general"(#loc13))
