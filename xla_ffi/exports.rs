@@ -134,9 +134,17 @@ pub unsafe extern "C" fn fp8xla_rewrite(
     let (code, module, report) = match outcome {
         Ok(Ok((m, r))) => (0, Some(m), r),
         Ok(Err((code, msg))) => (code, None, msg),
-        Err(_) => (2, None, "fp8xla_rewrite: internal error (bug in fp8xla)".to_string()),
+        Err(_) => (
+            2,
+            None,
+            "fp8xla_rewrite: internal error (bug in fp8xla)".to_string(),
+        ),
     };
-    let to_c = |s: String| CString::new(s.replace('\0', " ")).unwrap_or_default().into_raw();
+    let to_c = |s: String| {
+        CString::new(s.replace('\0', " "))
+            .unwrap_or_default()
+            .into_raw()
+    };
     // SAFETY: both out pointers were checked non-null and are valid for one write.
     unsafe {
         *out_module = module.map_or(std::ptr::null_mut(), to_c);

@@ -16,6 +16,7 @@ import dataclasses
 import json
 
 import jax
+import jax.extend.mlir
 
 from . import _library, ops
 
@@ -61,10 +62,10 @@ def run_pass(name: str, text: str, options: dict) -> tuple[str, dict]:
 def _serialize(text: str) -> bytes:
     from jax._src.interpreters import mlir as jax_mlir
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import stablehlo
+    from jax._src.lib.mlir.dialects import hlo
 
-    target = stablehlo.get_version_from_compatibility_requirement(
-        stablehlo.StablehloCompatibilityRequirement.WEEK_4)
+    target = hlo.get_version_from_compatibility_requirement(
+        hlo.StablehloCompatibilityRequirement.WEEK_4)
     with jax_mlir.make_ir_context():
         module = ir.Module.parse(text)
         return jax.extend.mlir.serialize_portable_artifact(module, target)

@@ -191,14 +191,15 @@ def _dot_general_shape(lhs_shape, rhs_shape, dimension_numbers):
 
 
 def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_format=None,
-               out_dtype=None):
+               out_dtype=None, w_scale_dim=None):
     """``dot_general(lhs', f32(rhs) * w_scale)`` with FP8 weights and float32 accumulation.
 
     ``lhs`` is float32|bfloat16 activations, ``rhs`` float8_e4m3fn|float8_e5m2 weights.
     ``dimension_numbers`` is ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``
     as in ``jax.lax.dot_general``; default: contract the last lhs dim with the first rhs dim.
     ``w_scale``: a number (per tensor) or an array with one scale per output channel (rhs
-    batch dims × rhs free dims). ``a_scale``: if given, the activations are quantized to FP8
+    batch dims × rhs free dims), or with ``w_scale_dim=d`` one per index of rhs free dim ``d``.
+    ``a_scale``: if given, the activations are quantized to FP8
     (``a_format``, default the weights' format) and back first — INC's static activation
     quantization. The result has ``out_dtype`` (default: ``lhs.dtype``)."""
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -235,7 +236,16 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
         attrs["w_scale"] = _check_scale("fp8_matmul", w_scale)
     else:
         w_scale = jnp.asarray(w_scale, jnp.float32)
-        if w_scale.size != channels:
+        if w_scale_dim is not None:
+            d = int(w_scale_dim)
+            if d in rc or d in rb or not 0 <= d < rhs.ndim:
+                raise ValueError(f"fp8xla.fp8_matmul: `w_scale_dim` {d} is not a free rhs dim")
+            if w_scale.size != rhs.shape[d]:
+                raise ValueError(
+                    f"fp8xla.fp8_matmul: `w_scale` must have {rhs.shape[d]} entries (rhs dim "
+                    f"{d}), got shape {w_scale.shape}")
+            attrs["w_scale_dim"] = np.int64(d)
+        elif w_scale.size != channels:
             raise ValueError(
                 f"fp8xla.fp8_matmul: per-channel `w_scale` must have {channels} entries "
                 f"(rhs batch x output channels), got shape {w_scale.shape}"

@@ -22,6 +22,7 @@ const ATTRS: &[&str] = &[
     "rhs_batching_dims",
     "rhs_contracting_dims",
     "w_scale",
+    "w_scale_dim",
 ];
 
 /// Dimension numbers resolved against the operand shapes.
@@ -38,6 +39,8 @@ pub(crate) struct Plan {
     inner: usize,
     /// Expected result shape.
     out_dims: Vec<i64>,
+    /// The rhs free dims (output channels), in output order, with their sizes.
+    rhs_free: Vec<(usize, usize)>,
 }
 
 impl Plan {
@@ -199,7 +202,12 @@ pub(crate) fn plan(
             .filter(|d| !rc.contains(d))
             .map(|d| rd[d] as i64),
     );
+    let rhs_free = (nb..rd.len())
+        .filter(|d| !rc.contains(d))
+        .map(|d| (d, rd[d]))
+        .collect();
     Ok(Plan {
+        rhs_free,
         batch_offsets: offsets(&lb, &ld, &strides),
         row_offsets: offsets(&lhs_free, &ld, &strides),
         k_offsets: offsets(&lhs_k_axes, &ld, &strides),
@@ -208,6 +216,51 @@ pub(crate) fn plan(
         inner,
         out_dims,
     })
+}
+
+/// One scale per output column (`[batch, n]`) from the per-channel operand: either already one
+/// per output channel, or one per index of rhs dimension `dim` (a free dim), times `factor`.
+fn per_channel_scales(
+    plan: &Plan,
+    given: &[f32],
+    dim: Option<i64>,
+    factor: f32,
+) -> Result<Vec<f32>, FfiError> {
+    let (batch, n) = (plan.batch(), plan.n());
+    let Some(dim) = dim else {
+        if given.len() != batch * n {
+            return Err(FfiError::invalid(format!(
+                "operand 2 (w_scale): expected {} float32 per-channel scales (rhs batch x \
+                 output channels), got {}",
+                batch * n,
+                given.len()
+            )));
+        }
+        return Ok(given.iter().map(|s| s * factor).collect());
+    };
+    let pos = plan
+        .rhs_free
+        .iter()
+        .position(|&(d, _)| d as i64 == dim)
+        .ok_or_else(|| {
+            FfiError::invalid(format!(
+                "attribute `w_scale_dim`: {dim} is not an output (free) dimension of operand 1 \
+                 (rhs); free dims are {:?}",
+                plan.rhs_free.iter().map(|p| p.0).collect::<Vec<_>>()
+            ))
+        })?;
+    let size = plan.rhs_free[pos].1;
+    if given.len() != size {
+        return Err(FfiError::invalid(format!(
+            "operand 2 (w_scale): expected {size} scales (the size of rhs dim {dim}), got {}",
+            given.len()
+        )));
+    }
+    let stride: usize = plan.rhs_free[pos + 1..].iter().map(|p| p.1).product();
+    let row: Vec<f32> = (0..n)
+        .map(|c| given[(c / stride) % size] * factor)
+        .collect();
+    Ok(row.repeat(batch))
 }
 
 /// Gathers the lhs into a packed float32 `[batch, m, k]` panel.
@@ -266,22 +319,35 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         })?,
     };
     let scale_vec;
-    let w_scale = match (attrs.opt_f32("w_scale")?, call.num_args()) {
-        (Some(s), 2) => WeightScale::PerTensor(check_scale("w_scale", s)?),
-        (None, 3) => {
+    let w_scale = match call.num_args() {
+        2 => {
+            if attrs.opt_i64("w_scale_dim")?.is_some() {
+                return Err(FfiError::invalid(
+                    "attribute `w_scale_dim` needs the per-channel scales as operand 2",
+                ));
+            }
+            let s = attrs.opt_f32("w_scale")?.ok_or_else(|| {
+                FfiError::invalid(
+                    "missing weight scale: attribute `w_scale` (per tensor) or operand 2 \
+                     (per channel)",
+                )
+            })?;
+            WeightScale::PerTensor(check_scale("w_scale", s)?)
+        }
+        _ => {
+            let factor = match attrs.opt_f32("w_scale")? {
+                Some(s) => check_scale("w_scale", s)?,
+                None => 1.0,
+            };
             let v = call.arg(2)?;
-            let want = plan.batch() * plan.n();
-            if v.dtype() != DataType::F32 || v.len() != want {
+            if v.dtype() != DataType::F32 {
                 return Err(FfiError::invalid(format!(
-                    "operand 2 (w_scale): expected {want} float32 per-channel scales (rhs \
-                     batch x output channels), got {} of dtype {} (shape {:?})",
-                    v.len(),
-                    v.dtype().name(),
-                    v.dims()
+                    "operand 2 (w_scale): expected dtype float32, got {}",
+                    v.dtype().name()
                 )));
             }
-            scale_vec = v.slice::<f32>("operand 2 (w_scale)")?;
-            if let Some((i, s)) = scale_vec
+            let given = v.slice::<f32>("operand 2 (w_scale)")?;
+            if let Some((i, s)) = given
                 .iter()
                 .enumerate()
                 .find(|(_, s)| !(s.is_finite() && **s > 0.0))
@@ -290,19 +356,8 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
                     "operand 2 (w_scale): scale {i} must be finite and > 0, got {s}"
                 )));
             }
-            WeightScale::PerChannel(scale_vec)
-        }
-        (Some(_), _) => {
-            return Err(FfiError::invalid(
-                "give the weight scale either as attribute `w_scale` (per tensor) or as \
-                 operand 2 (per channel), not both",
-            ))
-        }
-        (None, _) => {
-            return Err(FfiError::invalid(
-                "missing weight scale: attribute `w_scale` (per tensor) or operand 2 (per \
-                 channel)",
-            ))
+            scale_vec = per_channel_scales(&plan, given, attrs.opt_i64("w_scale_dim")?, factor)?;
+            WeightScale::PerChannel(&scale_vec)
         }
     };
     let out = call.take_ret(0)?;
@@ -429,5 +484,25 @@ mod tests {
         );
         let e = plan(&[5, 3, 8], &[8, 5, 7], &[2], &[0], &[0], &[1]).unwrap_err();
         assert!(e.message.contains("batching dims must be the leading dims"));
+    }
+
+    #[test]
+    fn scales_along_one_dim_expand_to_every_output_channel() {
+        // w[4, 8, 3] contracting dim 1: output channels (h, j) for h < 4, j < 3.
+        let p = plan(&[2, 8], &[4, 8, 3], &[1], &[1], &[], &[]).unwrap();
+        let along_h = per_channel_scales(&p, &[1., 2., 3., 4.], Some(0), 0.5).unwrap();
+        let want_h: Vec<f32> = (0..12).map(|c| (c / 3 + 1) as f32 * 0.5).collect();
+        assert_eq!(along_h, want_h);
+        let along_j = per_channel_scales(&p, &[1., 2., 3.], Some(2), 1.0).unwrap();
+        let want_j: Vec<f32> = (0..12).map(|c| (c % 3 + 1) as f32).collect();
+        assert_eq!(along_j, want_j);
+        let e = per_channel_scales(&p, &[1.; 8], Some(1), 1.0).unwrap_err();
+        assert!(
+            e.message.contains("not an output (free) dimension"),
+            "{}",
+            e.message
+        );
+        let e = per_channel_scales(&p, &[1.; 5], Some(0), 1.0).unwrap_err();
+        assert!(e.message.contains("expected 4 scales"), "{}", e.message);
     }
 }
