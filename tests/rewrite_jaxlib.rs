@@ -49,7 +49,10 @@ fn rewritten_modules_parse_in_jaxlib() {
         std::fs::write(&path, i).unwrap();
         files.push(path);
     }
-    let script = format!("{}/tests/data/export_modules.py", env!("CARGO_MANIFEST_DIR"));
+    let script = format!(
+        "{}/tests/data/export_modules.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let out = Command::new(&py)
         .arg(script)
         .arg("--check-files")
