@@ -381,9 +381,10 @@ fn follow_call(
             .push(other("callee has no body matching the call"));
         return Ok(());
     }
-    let public = callee_op
-        .prop("sym_visibility")
-        .map_or(true, |v| v.trim() != "\"private\"");
+    let public = !matches!(
+        callee_op.prop("sym_visibility").map(str::trim),
+        Some("\"private\"")
+    );
     let mut callers = 0;
     module.top.walk(&mut |o| {
         if o.name == "func.call" && callee_of(o).as_deref() == Some(callee.as_str()) {
