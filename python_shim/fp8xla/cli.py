@@ -1,26 +1,92 @@
-"""The `fp8xla` command line."""
+"""The `fp8xla` command line.
+
+    fp8xla demo                     quantize the default Gemma3 270M to FP8 and generate
+    fp8xla matmuls                  FP8 vs float32 matmuls at Gemma3-270M shapes
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import time
+
+#: Calibration prompts of the demo (short, varied; generate runs on each).
+CALIBRATION_PROMPTS = [
+    "The capital of France is",
+    "Describe the city of Berlin?",
+    "Photosynthesis is the process by which",
+    "def fibonacci(n):",
+    "The history of the Roman Empire",
+    "Water boils at a temperature of",
+    "In mathematics, a prime number is",
+    "The best way to learn a new language is",
+]
 
 
 def _progress(msg):
     print(f"  ... {msg}", file=sys.stderr, flush=True)
 
 
+def _timed_generate(model, prompt, max_length):
+    """Generates twice (the first run compiles) and times the second: (text, new tokens/s)."""
+    model.generate(prompt, max_length=max_length)
+    t0 = time.perf_counter()
+    text = model.generate(prompt, max_length=max_length)
+    seconds = time.perf_counter() - t0
+    tokenizer = model.preprocessor.tokenizer
+    new = len(tokenizer(text)) - len(tokenizer(prompt))
+    return text, max(new, 0) / seconds, seconds
+
+
 def demo(args) -> int:
+    """INC's Gemma3 flow on the default model: generate before, calibrate, quantize to FP8,
+    generate after; prints both texts and the decode speed of both."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import fp8xla
+    from fp8xla import keras as fk
+    from fp8xla import models
+
+    print(f"fp8xla {fp8xla.__version__} | kernels: {fp8xla.isa()} | CPU cores: {os.cpu_count()}"
+          f" | XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}", flush=True)
+    model = models.load_model(args.model, progress=True)
+    _progress(f"float32 generate (compiles first), max_length={args.max_length}")
+    before, tps_before, _ = _timed_generate(model, args.prompt, args.max_length)
+    config = fk.StaticQuantConfig(weight_dtype=args.dtype, activation_dtype=args.dtype)
+
+    def calib_function(m):
+        for i, p in enumerate(CALIBRATION_PROMPTS):
+            _progress(f"calibration prompt {i + 1}/{len(CALIBRATION_PROMPTS)}")
+            m.generate(p, max_length=32)
+
+    _progress("calibrating and quantizing to FP8")
+    t0 = time.perf_counter()
+    fk.quantize_model(model, config, calib_function)
+    quantize_s = time.perf_counter() - t0
+    _progress("FP8 generate (compiles first)")
+    after, tps_after, _ = _timed_generate(model, args.prompt, args.max_length)
+    fp8_bytes = sum(q.codes.nbytes for q in model.fp8.weights.values())
+    print("\n=== float32 (Keras on XLA) ===")
+    print(before)
+    print(f"--- {tps_before:.1f} tokens/s")
+    print(f"\n=== FP8 ({config.weight_dtype} weights and activations, fp8xla) ===")
+    print(after)
+    print(f"--- {tps_after:.1f} tokens/s ({tps_after / tps_before:.2f}x float32)")
+    print(f"\nquantization (calibration + rewrite) took {quantize_s:.1f} s; "
+          f"{len(model.fp8.weights)} weights in FP8, {fp8_bytes / 2**20:.0f} MiB "
+          f"(float32: {4 * fp8_bytes / 2**20:.0f} MiB)")
+    if args.print_model:
+        fk.print_model(model)
+    return 0
+
+
+def matmuls(args) -> int:
     """Gemma3-270M-shaped decode (M=1) and prefill (M=512) matmuls: XLA float32 vs the
     fake-quant path vs fp8xla's FP8 custom call, same weights, one process."""
-    import jax
-
     import fp8xla
     from fp8xla import matmul_bench
 
-    print(f"fp8xla {fp8xla.__version__} | jax {jax.__version__} | kernels: {fp8xla.isa()} | "
-          f"CPU cores: {os.cpu_count()}")
+    print(f"fp8xla {fp8xla.__version__} | kernels: {fp8xla.isa()} | CPU cores: {os.cpu_count()}")
     print("Weights of Gemma3-270M shapes, quantized per channel to float8_e4m3fn (1 byte "
           "each); activations float32, accumulation float32.\n")
     all_rows = []
@@ -41,11 +107,19 @@ def demo(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fp8xla", description="True FP8 inference on x86 CPUs")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="FP8 vs float32 matmuls at Gemma3-270M shapes")
-    d.add_argument("--m", type=int, nargs="+", default=[1, 512], help="rows (tokens)")
-    d.add_argument("--reps", type=int, default=5, help="repetitions (median is reported)")
-    d.add_argument("--json", help="also write the measurements to this JSON file")
+    d = sub.add_parser("demo", help="quantize the default Gemma3 270M to FP8 and generate")
+    d.add_argument("-m", "--model", default="gemma3_270m",
+                   help="gemma3_270m (default) or a Keras-Hub Gemma3 preset name or path")
+    d.add_argument("--prompt", default="Describe the city of Berlin?")
+    d.add_argument("--max-length", type=int, default=64)
+    d.add_argument("-p", "--dtype", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
+    d.add_argument("--print-model", action="store_true", help="list per-layer scales")
     d.set_defaults(func=demo)
+    mm = sub.add_parser("matmuls", help="FP8 vs float32 matmuls at Gemma3-270M shapes")
+    mm.add_argument("--m", type=int, nargs="+", default=[1, 512], help="rows (tokens)")
+    mm.add_argument("--reps", type=int, default=5, help="repetitions (median is reported)")
+    mm.add_argument("--json", help="also write the measurements to this JSON file")
+    mm.set_defaults(func=matmuls)
     args = p.parse_args(argv)
     return args.func(args)
 
