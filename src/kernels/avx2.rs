@@ -684,16 +684,27 @@ unsafe fn micro_impl<const M: usize>(
     mul: Option<&[f32; NR]>,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
-    let mut bp = b;
-    for kk in 0..kc {
-        let b0 = _mm256_loadu_ps(bp);
-        let b1 = _mm256_loadu_ps(bp.add(8));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_set1_ps(*a.add(r * lda + kk));
+    let rows: [*const f32; M] = std::array::from_fn(|r| a.add(r * lda));
+    let step = |acc: &mut [[__m256; 2]; M], kk: usize| {
+        let b0 = _mm256_loadu_ps(b.add(kk * NR));
+        let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+        for (acc, &row) in acc.iter_mut().zip(&rows) {
+            let x = _mm256_set1_ps(*row.add(kk));
             acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
         }
-        bp = bp.add(NR);
+    };
+    let mut kk = 0;
+    while kk + 4 <= kc {
+        step(&mut acc, kk);
+        step(&mut acc, kk + 1);
+        step(&mut acc, kk + 2);
+        step(&mut acc, kk + 3);
+        kk += 4;
+    }
+    while kk < kc {
+        step(&mut acc, kk);
+        kk += 1;
     }
     if cols == NR {
         for (r, acc) in acc.iter().enumerate() {
