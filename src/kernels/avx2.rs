@@ -238,27 +238,31 @@ impl Avx2 {
         lda: usize,
         kc: usize,
         b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
+        c: &mut [&mut [f32]],
+        col: usize,
         cols: usize,
         first: bool,
         mul: Option<&[f32; NR]>,
     ) {
-        assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols));
+        assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols) && c.len() >= mr);
         assert!(a.len() >= (mr - 1) * lda + kc && b.len() >= kc * NR);
-        assert!(c.len() >= (mr - 1) * ldc + cols);
-        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let mut cp = [std::ptr::null_mut::<f32>(); MR];
+        for (p, row) in cp.iter_mut().zip(c.iter_mut()).take(mr) {
+            assert!(row.len() >= col + cols);
+            *p = row[col..].as_mut_ptr();
+        }
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
         // SAFETY: the token proves AVX2/FMA/F16C; `micro_impl` reads `a[r*lda + kk]`,
-        // `b[kk*16 .. kk*16+16]` and reads/writes `c[r*ldc + x]` for `r < mr`, `kk < kc`,
-        // `x < cols`, all inside the asserted lengths.
+        // `b[kk*16 .. kk*16+16]` and reads/writes `cp[r][x]` (= `c[r][col + x]`) for `r < mr`,
+        // `kk < kc`, `x < cols`, all inside the asserted lengths; the rows are distinct slices.
         unsafe {
             match mr {
-                1 => micro_impl::<1>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                2 => micro_impl::<2>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                3 => micro_impl::<3>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                4 => micro_impl::<4>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                5 => micro_impl::<5>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                _ => micro_impl::<6>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                1 => micro_impl::<1>(ap, lda, kc, bp, &cp, cols, first, mul),
+                2 => micro_impl::<2>(ap, lda, kc, bp, &cp, cols, first, mul),
+                3 => micro_impl::<3>(ap, lda, kc, bp, &cp, cols, first, mul),
+                4 => micro_impl::<4>(ap, lda, kc, bp, &cp, cols, first, mul),
+                5 => micro_impl::<5>(ap, lda, kc, bp, &cp, cols, first, mul),
+                _ => micro_impl::<6>(ap, lda, kc, bp, &cp, cols, first, mul),
             }
         }
     }
@@ -677,8 +681,7 @@ unsafe fn micro_impl<const M: usize>(
     lda: usize,
     kc: usize,
     b: *const f32,
-    c: *mut f32,
-    ldc: usize,
+    c: &[*mut f32; MR],
     cols: usize,
     first: bool,
     mul: Option<&[f32; NR]>,
@@ -709,7 +712,7 @@ unsafe fn micro_impl<const M: usize>(
     if cols == NR {
         for (r, acc) in acc.iter().enumerate() {
             for (h, &v) in acc.iter().enumerate() {
-                let p = c.add(r * ldc + 8 * h);
+                let p = c[r].add(8 * h);
                 let mut v = v;
                 if !first {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(p));
@@ -726,7 +729,7 @@ unsafe fn micro_impl<const M: usize>(
             _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
             _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
             for (x, &t) in tmp.iter().enumerate().take(cols) {
-                let p = c.add(r * ldc + x);
+                let p = c[r].add(x);
                 let mut v = t;
                 if !first {
                     v += *p;
