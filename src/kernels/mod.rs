@@ -64,8 +64,10 @@ const MR: usize = 6;
 const NR: usize = 16;
 const NC: usize = 128;
 const KC_MAX: usize = 256;
-/// Weight bytes below which a GEMV does not bother with more than one task.
-const GEMV_MIN_TASK_BYTES: usize = 48 << 10;
+/// Weight bytes per GEMV task at least, and the size below which a GEMV stays on the calling
+/// thread (a few tens of microseconds of streaming, comparable to waking a worker).
+const GEMV_MIN_TASK_BYTES: usize = 64 << 10;
+const GEMV_MIN_PARALLEL_BYTES: usize = 256 << 10;
 
 /// `out = lhs · (decode(w) · scale)` using the best kernels of this CPU (`Isa::detect()`).
 ///
@@ -255,7 +257,7 @@ fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
     let bytes = p.w.len();
     let max_tasks = (bytes / GEMV_MIN_TASK_BYTES).max(1);
     let workers = par.workers();
-    let want = if workers > 1 {
+    let want = if workers > 1 && bytes * m >= GEMV_MIN_PARALLEL_BYTES {
         (workers * 4).min(max_tasks)
     } else {
         1
