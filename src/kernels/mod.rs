@@ -6,8 +6,11 @@
 //! * GEMV (`m <= GEMV_MAX_M`): the weights are streamed once, converted in registers and
 //!   multiplied against all lhs rows at once. The output columns are split across tasks.
 //! * GEMM (larger `m`): weight panels are converted to f32 into a small packed buffer (per
-//!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own row ranges
-//!   of the output.
+//!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own column
+//!   ranges of the output (so every weight is converted once), and also row ranges when there
+//!   are too few columns.
+//!
+//! Only AVX2 (+FMA+F16C) and scalar kernels exist: `Isa::Avx512` runs the AVX2 ones.
 //!
 //! Vector kernels may accumulate in a scaled domain (e4m3fn is widened through f16, which
 //! divides every value by 2^8 exactly); the factor is folded into the per-column multiplier
