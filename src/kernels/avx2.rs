@@ -133,10 +133,10 @@ impl Avx2 {
         macro_rules! go {
             ($e5:literal) => {
                 match rows {
-                    1 => kn::<$e5, 1, 4>(l, k, wp, ws, ncols, o, os, &mul, tab),
-                    2 => kn::<$e5, 2, 2>(l, k, wp, ws, ncols, o, os, &mul, tab),
-                    3 => kn::<$e5, 3, 1>(l, k, wp, ws, ncols, o, os, &mul, tab),
-                    _ => kn::<$e5, 4, 1>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    1 => kn::<$e5, 1, 4, 2>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    2 => kn::<$e5, 2, 2, 1>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    3 => kn::<$e5, 3, 1, 0>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    _ => kn::<$e5, 4, 1, 0>(l, k, wp, ws, ncols, o, os, &mul, tab),
                 }
             };
         }
@@ -173,10 +173,10 @@ impl Avx2 {
         macro_rules! go {
             ($e5:literal) => {
                 match rows {
-                    1 => nk::<$e5, 1, 4>(l, k, wp, ncols, o, os, &mul, tab),
-                    2 => nk::<$e5, 2, 2>(l, k, wp, ncols, o, os, &mul, tab),
-                    3 => nk::<$e5, 3, 1>(l, k, wp, ncols, o, os, &mul, tab),
-                    _ => nk::<$e5, 4, 1>(l, k, wp, ncols, o, os, &mul, tab),
+                    1 => nk::<$e5, 1, 4, true>(l, k, wp, ncols, o, os, &mul, tab),
+                    2 => nk::<$e5, 2, 2, true>(l, k, wp, ncols, o, os, &mul, tab),
+                    3 => nk::<$e5, 3, 1, false>(l, k, wp, ncols, o, os, &mul, tab),
+                    _ => nk::<$e5, 4, 1, false>(l, k, wp, ncols, o, os, &mul, tab),
                 }
             };
         }
@@ -218,34 +218,14 @@ impl Avx2 {
     ) {
         assert!(cols <= NR && pc + kc <= k && w.len() >= cols * k && dst.len() >= kc * NR);
         let tab = scaled_table(fmt);
-        for x in 0..NR {
-            if x >= cols {
-                for kk in 0..kc {
-                    dst[kk * NR + x] = 0.0;
-                }
-                continue;
-            }
-            let col = &w[x * k + pc..x * k + pc + kc];
-            let mut kk = 0;
-            let mut tmp = [0.0f32; 16];
-            while kk + 16 <= kc {
-                // SAFETY: the token proves AVX2/FMA/F16C; reads `col[kk..kk+16]`, in bounds
-                // by the loop condition, and writes the 16 floats of `tmp`.
-                unsafe {
-                    let (lo, hi) = match fmt {
-                        Format::E4m3fn => cvt16::<false>(col.as_ptr().add(kk)),
-                        Format::E5m2 => cvt16::<true>(col.as_ptr().add(kk)),
-                    };
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
-                }
-                for (t, &v) in tmp.iter().enumerate() {
-                    dst[(kk + t) * NR + x] = v;
-                }
-                kk += 16;
-            }
-            for kk in kk..kc {
-                dst[kk * NR + x] = tab[col[kk] as usize];
+        let (wp, d) = (w.as_ptr(), dst.as_mut_ptr());
+        // SAFETY: the token proves AVX2/FMA/F16C; reads `w[x*k + pc + kk]` and writes
+        // `dst[kk*16 + x]` for `x < 16`, `kk < kc`, inside the asserted lengths (columns
+        // `x >= cols` are only written).
+        unsafe {
+            match fmt {
+                Format::E4m3fn => pack_nk_impl::<false>(wp, k, pc, kc, cols, d, tab),
+                Format::E5m2 => pack_nk_impl::<true>(wp, k, pc, kc, cols, d, tab),
             }
         }
     }
@@ -258,36 +238,47 @@ impl Avx2 {
         lda: usize,
         kc: usize,
         b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
+        c: &mut [&mut [f32]],
+        col: usize,
         cols: usize,
         first: bool,
         mul: Option<&[f32; NR]>,
     ) {
-        assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols));
+        assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols) && c.len() >= mr);
         assert!(a.len() >= (mr - 1) * lda + kc && b.len() >= kc * NR);
-        assert!(c.len() >= (mr - 1) * ldc + cols);
-        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let mut cp = [std::ptr::null_mut::<f32>(); MR];
+        for (p, row) in cp.iter_mut().zip(c.iter_mut()).take(mr) {
+            assert!(row.len() >= col + cols);
+            *p = row[col..].as_mut_ptr();
+        }
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
         // SAFETY: the token proves AVX2/FMA/F16C; `micro_impl` reads `a[r*lda + kk]`,
-        // `b[kk*16 .. kk*16+16]` and reads/writes `c[r*ldc + x]` for `r < mr`, `kk < kc`,
-        // `x < cols`, all inside the asserted lengths.
+        // `b[kk*16 .. kk*16+16]` and reads/writes `cp[r][x]` (= `c[r][col + x]`) for `r < mr`,
+        // `kk < kc`, `x < cols`, all inside the asserted lengths; the rows are distinct slices.
         unsafe {
             match mr {
-                1 => micro_impl::<1>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                2 => micro_impl::<2>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                3 => micro_impl::<3>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                4 => micro_impl::<4>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                5 => micro_impl::<5>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
-                _ => micro_impl::<6>(ap, lda, kc, bp, cp, ldc, cols, first, mul),
+                1 => micro_impl::<1>(ap, lda, kc, bp, &cp, cols, first, mul),
+                2 => micro_impl::<2>(ap, lda, kc, bp, &cp, cols, first, mul),
+                3 => micro_impl::<3>(ap, lda, kc, bp, &cp, cols, first, mul),
+                4 => micro_impl::<4>(ap, lda, kc, bp, &cp, cols, first, mul),
+                5 => micro_impl::<5>(ap, lda, kc, bp, &cp, cols, first, mul),
+                _ => micro_impl::<6>(ap, lda, kc, bp, &cp, cols, first, mul),
             }
         }
     }
 }
 
+/// Rows ahead a KN GEMV prefetches.
+const KN_PREFETCH_ROWS: usize = 16;
+/// Bytes ahead an NK GEMV prefetches.
+const NK_PREFETCH_BYTES: usize = 4096;
+
+// The helpers marked `#[inline(always)]` are only called from `#[target_feature]` functions,
+// into which they (and the intrinsics they use) are inlined.
+
 /// 16 FP8 codes at `p` as two vectors of 8 f32 (e4m3fn: times 2^-8).
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
     let b = _mm_loadu_si128(p as *const __m128i);
     let h = if E5 {
@@ -309,8 +300,7 @@ unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
 
 /// Multipliers of columns `c..c+8`.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn mul8(mul: &Mul, c: usize) -> __m256 {
     match mul.per {
         Some(s) => _mm256_mul_ps(_mm256_loadu_ps(s.as_ptr().add(c)), _mm256_set1_ps(mul.unit)),
@@ -320,7 +310,7 @@ unsafe fn mul8(mul: &Mul, c: usize) -> __m256 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kn<const E5: bool, const R: usize, const H: usize>(
+unsafe fn kn<const E5: bool, const R: usize, const H: usize, const G: usize>(
     lhs: *const f32,
     k: usize,
     w: *const u8,
@@ -332,6 +322,17 @@ unsafe fn kn<const E5: bool, const R: usize, const H: usize>(
     tab: &[f32; 256],
 ) {
     let mut c = 0;
+    if G > 0 {
+        while c + 32 * G <= ncols {
+            if !kn_fast::<E5, R, G>(lhs, k, w.add(c), ws, out.add(c), os, mul, c) {
+                // NaN codes in this block: redo it with the exact conversion.
+                for c in (c..c + 32 * G).step_by(16) {
+                    kn_block::<E5, R, 1>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
+                }
+            }
+            c += 32 * G;
+        }
+    }
     while c + 16 * H <= ncols {
         kn_block::<E5, R, H>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
         c += 16 * H;
@@ -352,8 +353,7 @@ unsafe fn kn<const E5: bool, const R: usize, const H: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn kn_block<const E5: bool, const R: usize, const H: usize>(
     lhs: *const f32,
     k: usize,
@@ -367,6 +367,8 @@ unsafe fn kn_block<const E5: bool, const R: usize, const H: usize>(
     let mut acc = [[[_mm256_setzero_ps(); 2]; H]; R];
     let mut p = w;
     for kk in 0..k {
+        // Hardware prefetchers do not follow this strided walk well.
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(KN_PREFETCH_ROWS * ws) as *const i8);
         let mut v = [[_mm256_setzero_ps(); 2]; H];
         for (h, v) in v.iter_mut().enumerate() {
             let (lo, hi) = cvt16::<E5>(p.add(16 * h));
@@ -393,8 +395,7 @@ unsafe fn kn_block<const E5: bool, const R: usize, const H: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -404,7 +405,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nk<const E5: bool, const R: usize, const C: usize>(
+unsafe fn nk<const E5: bool, const R: usize, const C: usize, const FAST: bool>(
     lhs: *const f32,
     k: usize,
     w: *const u8,
@@ -416,7 +417,10 @@ unsafe fn nk<const E5: bool, const R: usize, const C: usize>(
 ) {
     let mut c = 0;
     while c + C <= ncols {
-        nk_block::<E5, R, C>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab);
+        if !FAST || !nk_fast::<E5, R, C>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab) {
+            // Not handled by the fast conversion (or NaN codes present): exact conversion.
+            nk_block::<E5, R, C>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab);
+        }
         c += C;
     }
     while c < ncols {
@@ -426,8 +430,7 @@ unsafe fn nk<const E5: bool, const R: usize, const C: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
     lhs: *const f32,
     k: usize,
@@ -441,9 +444,16 @@ unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
     let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
     let k16 = k - k % 16;
     let mut kk = 0;
+    let mut pf = w.wrapping_add(NK_PREFETCH_BYTES);
     while kk < k16 {
-        for (ci, col) in (0..C).map(|ci| (ci, w.add(ci * k + kk))) {
-            let (lo, hi) = cvt16::<E5>(col);
+        // The columns of a block are contiguous: sweep one prefetch line per 64 bytes consumed,
+        // a fixed distance ahead (each column alone is too short for the hardware prefetcher).
+        for _ in 0..C.div_ceil(4) {
+            _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+            pf = pf.wrapping_add(64);
+        }
+        for ci in 0..C {
+            let (lo, hi) = cvt16::<E5>(w.add(ci * k + kk));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = lhs.add(r * k + kk);
                 acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
@@ -463,6 +473,161 @@ unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
     }
 }
 
+/// Output columns (or depths) of the four vectors `cvt32` returns, relative to its first byte:
+/// the in-lane unpacks interleave the two 16-byte halves.
+const CVT32_ORDER: [usize; 4] = [0, 16, 8, 24];
+
+/// 32 FP8 codes as four vectors of 8 f32 (in `CVT32_ORDER`; e4m3fn: times 2^-8), without the
+/// e4m3fn NaN fix: the callers check for NaN codes with `nan_codes` and fall back to `cvt16`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
+    let z = _mm256_setzero_si256();
+    // Words holding `code << 8`.
+    let mut lo = _mm256_unpacklo_epi8(z, b);
+    let mut hi = _mm256_unpackhi_epi8(z, b);
+    if !E5 {
+        // s eeee mmm 0.. -> s s eeee mmm 0.. -> s 0 eeee mmm 0..: the f16 of value * 2^-8.
+        let keep = _mm256_set1_epi16(0xBFFFu16 as i16);
+        lo = _mm256_and_si256(_mm256_srai_epi16::<1>(lo), keep);
+        hi = _mm256_and_si256(_mm256_srai_epi16::<1>(hi), keep);
+    }
+    [
+        _mm256_cvtph_ps(_mm256_castsi256_si128(lo)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(lo)),
+        _mm256_cvtph_ps(_mm256_castsi256_si128(hi)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(hi)),
+    ]
+}
+
+/// Accumulates (as all-ones bytes) which of 32 codes are e4m3fn NaNs.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nan_codes(acc: __m256i, b: __m256i) -> __m256i {
+    let m = _mm256_set1_epi8(0x7F);
+    _mm256_or_si256(acc, _mm256_cmpeq_epi8(_mm256_and_si256(b, m), m))
+}
+
+/// KN block of `32 * G` columns with `cvt32`. Returns false (nothing written) if the block
+/// holds e4m3fn NaN codes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kn_fast<const E5: bool, const R: usize, const G: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const u8,
+    ws: usize,
+    out: *mut f32,
+    os: usize,
+    mul: &Mul,
+    c: usize,
+) -> bool {
+    let mut acc = [[[_mm256_setzero_ps(); 4]; G]; R];
+    let mut nan = _mm256_setzero_si256();
+    let mut p = w;
+    for kk in 0..k {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(KN_PREFETCH_ROWS * ws) as *const i8);
+        let mut v = [[_mm256_setzero_ps(); 4]; G];
+        for (g, v) in v.iter_mut().enumerate() {
+            let b = _mm256_loadu_si256(p.add(32 * g) as *const __m256i);
+            if !E5 {
+                nan = nan_codes(nan, b);
+            }
+            *v = cvt32::<E5>(b);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = _mm256_set1_ps(*lhs.add(r * k + kk));
+            for g in 0..G {
+                for j in 0..4 {
+                    acc[g][j] = _mm256_fmadd_ps(a, v[g][j], acc[g][j]);
+                }
+            }
+        }
+        p = p.add(ws);
+    }
+    if !E5 && _mm256_testz_si256(nan, nan) == 0 {
+        return false;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (g, acc) in acc.iter().enumerate() {
+            for (j, &v) in acc.iter().enumerate() {
+                let col = 32 * g + CVT32_ORDER[j];
+                let m = mul8(mul, c + col);
+                _mm256_storeu_ps(out.add(r * os + col), _mm256_mul_ps(v, m));
+            }
+        }
+    }
+    true
+}
+
+/// NK block of `C` columns with `cvt32` over the depths that are a multiple of 32. Returns
+/// false (nothing written) if those hold e4m3fn NaN codes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const u8,
+    out: *mut f32,
+    os: usize,
+    mul: &Mul,
+    c0: usize,
+    tab: &[f32; 256],
+) -> bool {
+    let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+    let mut nan = _mm256_setzero_si256();
+    let k32 = k - k % 32;
+    let mut pf = w.wrapping_add(NK_PREFETCH_BYTES);
+    let mut kk = 0;
+    while kk < k32 {
+        for _ in 0..C.div_ceil(2) {
+            _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+            pf = pf.wrapping_add(64);
+        }
+        for ci in 0..C {
+            let b = _mm256_loadu_si256(w.add(ci * k + kk) as *const __m256i);
+            if !E5 {
+                nan = nan_codes(nan, b);
+            }
+            let v = cvt32::<E5>(b);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = lhs.add(r * k + kk);
+                let x = &mut acc[ci];
+                x[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[0])), v[0], x[0]);
+                x[1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[1])), v[1], x[1]);
+                x[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[2])), v[2], x[0]);
+                x[1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[3])), v[3], x[1]);
+            }
+        }
+        kk += 32;
+    }
+    if !E5 && _mm256_testz_si256(nan, nan) == 0 {
+        return false;
+    }
+    // Remaining depths: 16 at a time with the exact conversion, then one by one.
+    while kk + 16 <= k {
+        for ci in 0..C {
+            let (lo, hi) = cvt16::<E5>(w.add(ci * k + kk));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = lhs.add(r * k + kk);
+                acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
+                acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
+            }
+        }
+        kk += 16;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (ci, acc) in acc.iter().enumerate() {
+            let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+            for kk in kk..k {
+                s += *lhs.add(r * k + kk) * tab[*w.add(ci * k + kk) as usize];
+            }
+            *out.add(r * os + ci) = s * mul.at(c0 + ci);
+        }
+    }
+    true
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pack_kn_impl<const E5: bool>(w: *const u8, ws: usize, kc: usize, dst: *mut f32) {
@@ -475,33 +640,79 @@ unsafe fn pack_kn_impl<const E5: bool>(w: *const u8, ws: usize, kc: usize, dst: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_nk_impl<const E5: bool>(
+    w: *const u8,
+    k: usize,
+    pc: usize,
+    kc: usize,
+    cols: usize,
+    dst: *mut f32,
+    tab: &[f32; 256],
+) {
+    for x in 0..NR {
+        if x >= cols {
+            for kk in 0..kc {
+                *dst.add(kk * NR + x) = 0.0;
+            }
+            continue;
+        }
+        let col = w.add(x * k + pc);
+        let mut kk = 0;
+        while kk + 16 <= kc {
+            let (lo, hi) = cvt16::<E5>(col.add(kk));
+            let mut tmp = [0.0f32; 16];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+            for (t, &v) in tmp.iter().enumerate() {
+                *dst.add((kk + t) * NR + x) = v;
+            }
+            kk += 16;
+        }
+        for kk in kk..kc {
+            *dst.add(kk * NR + x) = tab[*col.add(kk) as usize];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn micro_impl<const M: usize>(
     a: *const f32,
     lda: usize,
     kc: usize,
     b: *const f32,
-    c: *mut f32,
-    ldc: usize,
+    c: &[*mut f32; MR],
     cols: usize,
     first: bool,
     mul: Option<&[f32; NR]>,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
-    let mut bp = b;
-    for kk in 0..kc {
-        let b0 = _mm256_loadu_ps(bp);
-        let b1 = _mm256_loadu_ps(bp.add(8));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_set1_ps(*a.add(r * lda + kk));
+    let rows: [*const f32; M] = std::array::from_fn(|r| a.add(r * lda));
+    let step = |acc: &mut [[__m256; 2]; M], kk: usize| {
+        let b0 = _mm256_loadu_ps(b.add(kk * NR));
+        let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+        for (acc, &row) in acc.iter_mut().zip(&rows) {
+            let x = _mm256_set1_ps(*row.add(kk));
             acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
         }
-        bp = bp.add(NR);
+    };
+    let mut kk = 0;
+    while kk + 4 <= kc {
+        step(&mut acc, kk);
+        step(&mut acc, kk + 1);
+        step(&mut acc, kk + 2);
+        step(&mut acc, kk + 3);
+        kk += 4;
+    }
+    while kk < kc {
+        step(&mut acc, kk);
+        kk += 1;
     }
     if cols == NR {
         for (r, acc) in acc.iter().enumerate() {
             for (h, &v) in acc.iter().enumerate() {
-                let p = c.add(r * ldc + 8 * h);
+                let p = c[r].add(8 * h);
                 let mut v = v;
                 if !first {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(p));
@@ -518,7 +729,7 @@ unsafe fn micro_impl<const M: usize>(
             _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
             _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
             for (x, &t) in tmp.iter().enumerate().take(cols) {
-                let p = c.add(r * ldc + x);
+                let p = c[r].add(x);
                 let mut v = t;
                 if !first {
                     v += *p;

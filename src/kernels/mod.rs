@@ -6,8 +6,11 @@
 //! * GEMV (`m <= GEMV_MAX_M`): the weights are streamed once, converted in registers and
 //!   multiplied against all lhs rows at once. The output columns are split across tasks.
 //! * GEMM (larger `m`): weight panels are converted to f32 into a small packed buffer (per
-//!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own row ranges
-//!   of the output.
+//!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own column
+//!   ranges of the output (so every weight is converted once), and also row ranges when there
+//!   are too few columns.
+//!
+//! Only AVX2 (+FMA+F16C) and scalar kernels exist: `Isa::Avx512` runs the AVX2 ones.
 //!
 //! Vector kernels may accumulate in a scaled domain (e4m3fn is widened through f16, which
 //! divides every value by 2^8 exactly); the factor is folded into the per-column multiplier
@@ -64,8 +67,10 @@ const MR: usize = 6;
 const NR: usize = 16;
 const NC: usize = 128;
 const KC_MAX: usize = 256;
-/// Weight bytes below which a GEMV does not bother with more than one task.
-const GEMV_MIN_TASK_BYTES: usize = 48 << 10;
+/// Weight bytes per GEMV task at least, and the size below which a GEMV stays on the calling
+/// thread (a few tens of microseconds of streaming, comparable to waking a worker).
+const GEMV_MIN_TASK_BYTES: usize = 64 << 10;
+const GEMV_MIN_PARALLEL_BYTES: usize = 256 << 10;
 
 /// `out = lhs · (decode(w) · scale)` using the best kernels of this CPU (`Isa::detect()`).
 ///
@@ -255,7 +260,7 @@ fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
     let bytes = p.w.len();
     let max_tasks = (bytes / GEMV_MIN_TASK_BYTES).max(1);
     let workers = par.workers();
-    let want = if workers > 1 {
+    let want = if workers > 1 && bytes * m >= GEMV_MIN_PARALLEL_BYTES {
         (workers * 4).min(max_tasks)
     } else {
         1
@@ -397,50 +402,71 @@ thread_local! {
     static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One GEMM task: batch `b`, output rows `r0..r1`.
-struct RowTask {
+/// One GEMM task: batch `b`, output rows `r0..r1`, columns `c0..c1`.
+struct BlockTask {
     b: usize,
     r0: usize,
     r1: usize,
+    c0: usize,
+    c1: usize,
 }
 
 fn gemm(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
     let (m, n, k) = (p.m, p.n, p.k);
     let workers = par.workers();
-    // Each row task converts all the weights once; more tasks balance better but convert more.
-    let want = if workers > 1 { workers * 2 } else { 1 };
-    let per_batch = want.div_ceil(p.batch).clamp(1, m.div_ceil(4 * MR));
+    // Split the columns first: every task converts only the weights of its columns. Rows are
+    // split only when there are too few column panels.
+    let want = if workers > 1 { workers * 3 } else { 1 };
+    let per_batch = want.div_ceil(p.batch);
+    let col_ranges = split_range(n, per_batch, NR);
+    let row_parts = per_batch
+        .div_ceil(col_ranges.len())
+        .clamp(1, m.div_ceil(4 * MR));
+    let row_ranges = split_range(m, row_parts, MR);
     let mut tasks = Vec::new();
     for b in 0..p.batch {
-        for r in split_range(m, per_batch, MR) {
-            tasks.push(RowTask {
-                b,
-                r0: r.start,
-                r1: r.end,
-            });
+        for r in &row_ranges {
+            for c in &col_ranges {
+                tasks.push(BlockTask {
+                    b,
+                    r0: r.start,
+                    r1: r.end,
+                    c0: c.start,
+                    c1: c.end,
+                });
+            }
         }
     }
-    let mut pieces = Vec::with_capacity(tasks.len());
-    let mut rest = out;
-    for t in &tasks {
-        let (piece, tail) = rest.split_at_mut((t.r1 - t.r0) * n);
-        pieces.push(Mutex::new(piece));
-        rest = tail;
+    // Hand every task the pieces of the output rows it owns.
+    let mut owned: Vec<Vec<&mut [f32]>> = tasks.iter().map(|_| Vec::new()).collect();
+    let mut rows = out.chunks_exact_mut(n);
+    let per_b = row_ranges.len() * col_ranges.len();
+    for b in 0..p.batch {
+        for (ri, r) in row_ranges.iter().enumerate() {
+            for _ in r.clone() {
+                let mut row = rows.next().expect("output rows");
+                for (ci, c) in col_ranges.iter().enumerate() {
+                    let (piece, rest) = row.split_at_mut(c.len());
+                    owned[b * per_b + ri * col_ranges.len() + ci].push(piece);
+                    row = rest;
+                }
+            }
+        }
     }
+    let owned: Vec<Mutex<Vec<&mut [f32]>>> = owned.into_iter().map(Mutex::new).collect();
     let kblocks = k.div_ceil(KC_MAX);
     let kc_size = k.div_ceil(kblocks);
     par.run(tasks.len(), &|i| {
         let t = &tasks[i];
-        let mut piece = pieces[i].lock().unwrap();
-        let c = &mut **piece;
+        let mut c = owned[i].lock().unwrap();
         let lhs = &p.lhs[(t.b * m + t.r0) * k..(t.b * m + t.r1) * k];
         let rows = t.r1 - t.r0;
         let wb = p.weights(t.b);
         PACK.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.resize(kc_size * NC, 0.0);
-            for jc in (0..n).step_by(NC) {
-                let nc = NC.min(n - jc);
+            for jc in (t.c0..t.c1).step_by(NC) {
+                let nc = NC.min(t.c1 - jc);
                 let mut pc = 0;
                 while pc < k {
                     let kc = kc_size.min(k - pc);
@@ -468,8 +494,8 @@ fn gemm(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
                                 k,
                                 kc,
                                 &buf[pi * kc * NR..(pi + 1) * kc * NR],
-                                &mut c[ir * n + j..],
-                                n,
+                                &mut c[ir..ir + mr],
+                                j - t.c0,
                                 cols,
                                 first,
                                 last.then_some(&mul),
@@ -525,7 +551,7 @@ fn pack_panel(
 }
 
 /// Microkernel: for `r < mr`, `x < cols`:
-/// `c[r*ldc + x] = (first ? 0 : c[..]) + sum_kk a[r*lda + kk] * b[kk*NR + x]`, then times
+/// `c[r][col + x] = (first ? 0 : c[..]) + sum_kk a[r*lda + kk] * b[kk*NR + x]`, then times
 /// `mul[x]` if given.
 #[allow(clippy::too_many_arguments)]
 fn micro(
@@ -535,17 +561,17 @@ fn micro(
     lda: usize,
     kc: usize,
     b: &[f32],
-    c: &mut [f32],
-    ldc: usize,
+    c: &mut [&mut [f32]],
+    col: usize,
     cols: usize,
     first: bool,
     mul: Option<&[f32; NR]>,
 ) {
-    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols));
+    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols) && c.len() >= mr);
     assert!(a.len() >= (mr - 1) * lda + kc && b.len() >= kc * NR);
-    assert!(c.len() >= (mr - 1) * ldc + cols);
+    assert!(c.iter().take(mr).all(|row| row.len() >= col + cols));
     match bk {
-        Backend::Scalar => scalar::micro(a, mr, lda, kc, b, c, ldc, cols, first, mul),
-        Backend::Avx2(t) => t.micro(a, mr, lda, kc, b, c, ldc, cols, first, mul),
+        Backend::Scalar => scalar::micro(a, mr, lda, kc, b, c, col, cols, first, mul),
+        Backend::Avx2(t) => t.micro(a, mr, lda, kc, b, c, col, cols, first, mul),
     }
 }

@@ -70,8 +70,8 @@ pub(super) fn micro(
     lda: usize,
     kc: usize,
     b: &[f32],
-    c: &mut [f32],
-    ldc: usize,
+    c: &mut [&mut [f32]],
+    col: usize,
     cols: usize,
     first: bool,
     mul: Option<&[f32; NR]>,
@@ -86,7 +86,7 @@ pub(super) fn micro(
         }
     }
     for (r, acc) in acc.iter().enumerate().take(mr) {
-        let dst = &mut c[r * ldc..r * ldc + cols];
+        let dst = &mut c[r][col..col + cols];
         for (x, d) in dst.iter_mut().enumerate() {
             let mut v = acc[x];
             if !first {

@@ -232,6 +232,9 @@ fn nan_and_inf_codes_propagate() {
     for fmt in [Format::E4m3fn, Format::E5m2] {
         for (m, outer, k, inner) in [
             (1, 1, 40, 48),
+            (1, 1, 40, 96),
+            (2, 1, 40, 64),
+            (1, 48, 40, 1),
             (2, 48, 40, 1),
             (9, 1, 40, 48),
             (9, 48, 40, 1),
