@@ -2,7 +2,13 @@
 
 Both run jitted in one process, interleaved repetition by repetition so that machine noise
 hits them alike; the reported time of each is the median over repetitions and the spread is
-the range of the per-repetition ratio."""
+the range of the per-repetition ratio.
+
+In a decode step every layer's weights are read once per token, and together they are far
+larger than the CPU caches. Timing one small matrix over and over would instead measure it
+from cache. So each shape gets enough distinct weight copies to cover `DISTINCT_BYTES` of
+float32 weights (like the layers of a model), and each timed pass calls the matmul once on
+every copy, for both contenders alike."""
 from __future__ import annotations
 
 import time
@@ -43,13 +49,20 @@ class Row:
     max_rel_err_vs_fake_quant: float
 
 
-def _time(f, args, iters):
-    jax.block_until_ready(f(*args))
+#: Float32 weight bytes each shape's copies cover together (4x this CPU's 32 MiB L3 and more).
+DISTINCT_BYTES = 256 * 2**20
+
+
+def _time(f, arg_sets, iters):
+    """Seconds per call of `f`, cycling through `arg_sets` (one call on each per pass)."""
+    for args in arg_sets:
+        jax.block_until_ready(f(*args))
     t0 = time.perf_counter()
     for _ in range(iters):
-        out = f(*args)
+        for args in arg_sets:
+            out = f(*args)
     jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
+    return (time.perf_counter() - t0) / (iters * len(arg_sets))
 
 
 def compare(m, shapes=GEMMA3_270M_SHAPES, reps=5, min_seconds=0.2, seed=0, fmt="e4m3fn",
@@ -62,26 +75,31 @@ def compare(m, shapes=GEMMA3_270M_SHAPES, reps=5, min_seconds=0.2, seed=0, fmt="
             progress(f"{name}, M={m}")
         wshape = (k, n) if layout == "kn" else (n, k)
         cdim = 0 if layout == "kn" else 1
-        w = (rng.standard_normal(wshape, dtype=np.float32) * 0.05)
-        x = rng.standard_normal((m, k), dtype=np.float32)
-        codes, scale = ops.quantize_weight(w, fmt, channel_axes=1 - cdim)
+        copies = max(1, DISTINCT_BYTES // (4 * k * n))
+        x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
         dn = (((1,), (cdim,)), ((), ()))
+        sshape = (1, n) if layout == "kn" else (n, 1)
         f32 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dn))
         fp8 = jax.jit(lambda a, q, s: ops.fp8_matmul(a, q, s, dn))
-        sshape = (1, n) if layout == "kn" else (n, 1)
         fake = jax.jit(lambda a, q, s: jax.lax.dot_general(
             a, q.astype(jnp.float32) * s.reshape(sshape), dn))
-        wj, xj, cj, sj = jnp.asarray(w), jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale)
-        ref = np.asarray(fake(xj, cj, sj), np.float64)
-        got = np.asarray(fp8(xj, cj, sj), np.float64)
+        f32_args, q_args = [], []
+        for _ in range(copies):
+            w = rng.standard_normal(wshape, dtype=np.float32) * 0.05
+            codes, scale = ops.quantize_weight(w, fmt, channel_axes=1 - cdim)
+            f32_args.append((x, jnp.asarray(w)))
+            q_args.append((x, jnp.asarray(codes), jnp.asarray(scale)))
+            del w, codes
+        ref = np.asarray(fake(*q_args[0]), np.float64)
+        got = np.asarray(fp8(*q_args[0]), np.float64)
         err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)) if ref.size else 0.0
-        once = _time(f32, (xj, wj), 1)
-        iters = max(1, int(min_seconds / max(once, 1e-6)))
+        once = _time(f32, f32_args, 1)
+        iters = max(1, int(min_seconds / max(once * copies, 1e-6)))
         t_f32, t_fp8, t_fake = [], [], []
         for _ in range(reps):
-            t_f32.append(_time(f32, (xj, wj), iters))
-            t_fp8.append(_time(fp8, (xj, cj, sj), iters))
-            t_fake.append(_time(fake, (xj, cj, sj), iters))
+            t_f32.append(_time(f32, f32_args, iters))
+            t_fp8.append(_time(fp8, q_args, iters))
+            t_fake.append(_time(fake, q_args, iters))
         ratios = sorted(a / b for a, b in zip(t_f32, t_fp8))
         f32_s, fp8_s = float(np.median(t_f32)), float(np.median(t_fp8))
         flops = 2.0 * m * k * n
