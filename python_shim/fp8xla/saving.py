@@ -382,6 +382,9 @@ def save(model, preset_dir):
                  "weight_map": {"*": WEIGHTS_FILE}}
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=4)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a preset is a plain dir
         old = None
         if os.path.lexists(preset_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(preset_dir)}.old.", dir=parent)

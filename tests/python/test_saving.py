@@ -126,6 +126,15 @@ def test_loaded_model_has_no_float_copies_of_quantized_weights(saved):
                                   tokens)
 
 
+def test_generic_causal_lm_from_preset_returns_the_fp8_model(saved):
+    _, batch, _, path = saved
+    loaded = keras_hub.models.CausalLM.from_preset(path)
+    assert type(loaded).__name__ == "Fp8Gemma3CausalLM" and loaded.fp8 is not None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # a plain directory, not 0700
+
+
 def test_resave_of_loaded_model_is_identical(saved, tmp_path):
     _, _, _, path = saved
     loaded = fk.load(path)
