@@ -361,6 +361,7 @@ def save(model, preset_dir):
                                   "supported (Gemma3CausalLM only)")
     cls = _class()
     preset_dir = os.path.abspath(os.fspath(preset_dir))
+    _check_replaceable(preset_dir)
     parent = os.path.dirname(preset_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(preset_dir)}.", dir=parent)
@@ -400,6 +401,20 @@ def save(model, preset_dir):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(preset_dir):
+    """An existing ``preset_dir`` is replaced only if it holds nothing but preset files."""
+    if not os.path.lexists(preset_dir):
+        return
+    if os.path.islink(preset_dir) or not os.path.isdir(preset_dir):
+        raise FileExistsError(f"fp8xla.save: {preset_dir} exists and is not a directory")
+    other = [n for n in os.listdir(preset_dir)
+             if not (n.endswith((".json", ".h5", ".fp8xla")) or n in ("assets", "README.md"))]
+    if other:
+        raise FileExistsError(
+            f"fp8xla.save: {preset_dir} exists and holds files that are not part of a "
+            f"Keras-Hub preset ({', '.join(sorted(other)[:5])}); not replacing it")
 
 
 def load(preset_dir, **kwargs):

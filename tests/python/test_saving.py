@@ -250,3 +250,14 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="not quantized by fp8xla"):
         fk.save(tiny_gemma3(), str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
+    saved_model = tiny_gemma3()
+    fk.quantize_model(saved_model, fk.StaticQuantConfig(activation_dtype=None))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        fk.save(saved_model, str(tmp_path / "file"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"not part of a Keras-Hub preset \(notes.txt\)"):
+        fk.save(saved_model, str(tmp_path / "home"))
+    assert sorted(os.listdir(tmp_path)) == ["file", "home"]
+    assert (tmp_path / "home" / "notes.txt").read_text() == "keep"
