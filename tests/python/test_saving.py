@@ -124,6 +124,8 @@ def test_loaded_model_has_no_float_copies_of_quantized_weights(saved):
     loaded.compile(sampler=keras_hub.samplers.GreedySampler())  # stays FP8
     np.testing.assert_array_equal(np.asarray(loaded.generate(batch, **GEN)["token_ids"]),
                                   tokens)
+    # nothing on the way materialized a float copy of a quantized weight
+    assert all(loaded.trainable_variables[i]._value is None for i in loaded.fp8.weights)
 
 
 def test_generic_causal_lm_from_preset_returns_the_fp8_model(saved):
