@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from . import graph, ops
+from . import graph, ops, saving
+from .saving import load, save  # noqa: F401  (fp8xla.keras.load / save)
 
 _DTYPES = {"fp8_e4m3": "e4m3fn", "fp8_e5m2": "e5m2", "e4m3fn": "e4m3fn", "e5m2": "e5m2"}
 
@@ -100,6 +101,11 @@ def _spec(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
 
+def _var_specs(variables):
+    # from shape and dtype only: the value of a quantized variable may not exist
+    return [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for v in variables]
+
+
 def _stateless_generate(model, stop_token_ids):
     """Keras-Hub's compiled generate step with all variables as explicit state."""
     import keras
@@ -167,12 +173,14 @@ class _GraphCache:
             in_specs = jax.tree_util.tree_map(_spec, inputs)
             if self.kind == "generate":
                 fn = _stateless_generate(m, stop_token_ids)
-                specs = (in_specs, jax.tree_util.tree_map(_spec, _state_values(m)))
+                specs = (in_specs, (_var_specs(m.sampler.variables),
+                                    _var_specs(m.trainable_variables),
+                                    _var_specs(m.non_trainable_variables)))
                 prefix = (1, 1)
             else:
                 fn = _stateless_forward(m)
-                specs = (in_specs, [_spec(v.value) for v in m.trainable_variables],
-                         [_spec(v.value) for v in m.non_trainable_variables])
+                specs = (in_specs, _var_specs(m.trainable_variables),
+                         _var_specs(m.non_trainable_variables))
                 prefix = (1,)
             exp = jax.export.export(jax.jit(fn), platforms=["cpu"])(*specs)
             self.compiled[key] = jax.jit(self.rewrite(exp, _trainable_arg_indices(exp, prefix)).call)
@@ -355,8 +363,10 @@ def _install(model, config, qweights):
     model.fp8 = _Fp8State(config=config, weights=qweights, forward=forward, codes=codes)
     model.generate_function = _generate_function(
         model, _GraphCache(model, rewrite),
-        lambda: with_codes([v.value for v in model.trainable_variables]))
+        lambda: [codes[i] if i in codes else v.value
+                 for i, v in enumerate(model.trainable_variables)])
     model.predict_function = _predict_function(forward, with_codes)
+    saving.install_save_hook(model)
 
 
 def _predict_function(forward, with_codes):
@@ -383,7 +393,9 @@ def logits(model, inputs):
     "padding_mask"}); through the FP8 graph if the model is quantized by fp8xla."""
     inputs = {k: np.asarray(v) for k, v in inputs.items() if v is not None}
     state = getattr(model, "fp8", None)
-    trainable = [v.value for v in model.trainable_variables]
+    codes = state.codes if state is not None else {}
+    trainable = [codes[i] if i in codes else v.value
+                 for i, v in enumerate(model.trainable_variables)]
     non_trainable = [v.value for v in model.non_trainable_variables]
     if state is None:
         cache = getattr(model, "_fp8xla_float_forward", None)
@@ -391,7 +403,6 @@ def logits(model, inputs):
             cache = model._fp8xla_float_forward = _GraphCache(
                 model, lambda exp, arg_of: exp, kind="forward")
         return cache.get(inputs)(inputs, trainable, non_trainable)
-    trainable = [state.codes.get(i, v) for i, v in enumerate(trainable)]
     return state.forward.get(inputs)(inputs, trainable, non_trainable)
 
 
@@ -421,3 +432,6 @@ def print_model(model, file=None):
             w = f"[{s.min():.3g}..{s.max():.3g}] dim {q.channel_dim}"
         lines.append(f"{q.path:58s} {kind:8s} {a:>12s} {w:>24s}")
     print("\n".join(lines), file=file)
+
+
+saving.register()  # FP8 presets load with Keras-Hub's from_preset once fp8xla.keras is imported
