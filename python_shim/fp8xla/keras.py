@@ -367,6 +367,13 @@ def _install(model, config, qweights):
                  for i, v in enumerate(model.trainable_variables)])
     model.predict_function = _predict_function(forward, with_codes)
     saving.install_save_hook(model)
+    if not isinstance(model, saving._class()):
+        # Keras-Hub's compile() resets generate_function: keep the model in FP8 after it.
+        def compile(*args, **kwargs):
+            type(model).compile(model, *args, **kwargs)
+            _install(model, config, qweights)
+
+        model.compile = compile
 
 
 def _predict_function(forward, with_codes):

@@ -171,3 +171,16 @@ def _fake_quant_activation_logits(qmodel, ref, batch):
     inputs = {k: np.asarray(v) for k, v in batch.items()}
     return cache.get(inputs)(inputs, [v.value for v in ref.trainable_variables],
                              [v.value for v in ref.non_trainable_variables])
+
+
+def test_compile_after_quantize_keeps_fp8(rng):
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None))
+    before = model.generate_function
+    model.compile(sampler=keras_hub.samplers.GreedySampler())
+    assert model.generate_function is not before  # reinstalled, not Keras-Hub's float one
+    batch = prompts(rng, 3)
+    ref = fake_quantized_copy(model, model)
+    got = model.generate(batch, max_length=10, stop_token_ids=None)
+    want = ref.generate(batch, max_length=10, stop_token_ids=None)
+    np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
