@@ -379,6 +379,13 @@ class Gemma3TextCausalLMPreprocessor(Gemma3CausalLMPreprocessor):
         self.image_placeholder = None
         self.start_of_image_token = None
         self.end_of_image_token = None
+        self._build_if_ready()
+
+    def _build_if_ready(self):
+        # Built layers matter beyond preprocessing: Keras' `predict_on_batch` runs an eager
+        # forward pass of the whole task first whenever any of its layers is unbuilt.
+        if not self.built and getattr(self.tokenizer, "proto", None) is not None:
+            self.build(None)
 
     def build(self, input_shape):
         self.packer = StartEndPacker(
@@ -388,7 +395,13 @@ class Gemma3TextCausalLMPreprocessor(Gemma3CausalLMPreprocessor):
             sequence_length=self.sequence_length,
             return_padding_mask=True,
         )
+        # Neither the tokenizer nor the packer has weights to build.
+        self.tokenizer.built = self.packer.built = True
         self.built = True
+
+    def load_preset_assets(self, preset):
+        super().load_preset_assets(preset)
+        self._build_if_ready()
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
         return CausalLMPreprocessor.call(

@@ -4,9 +4,9 @@ Protocol: the text of ``/usr/share/common-licenses/GPL-3`` is tokenized without 
 into 14 consecutive chunks of 511 tokens; each chunk is scored as ``[BOS] + chunk``, giving
 14 * 511 = 7154 next-token predictions, and the perplexity is ``exp(mean NLL)``.
 
-Logits come from the model's own forward pass, the Keras way (Keras' ``predict_on_batch`` on
-``{"token_ids": ..., "padding_mask": ...}``, i.e. with the preprocessor detached), so any model
-that plugs into Keras-Hub the same way is scored the same way.
+Logits come from the model's own forward pass, the Keras way (``model.predict_on_batch`` on
+``{"token_ids": ..., "padding_mask": ...}`` with the preprocessor detached), so any model that
+plugs into Keras-Hub the same way is scored the same way.
 """
 from __future__ import annotations
 
@@ -85,19 +85,25 @@ def gpl3_token_chunks(
 def keras_logits_fn(model) -> LogitsFn:
     """Logits ``(batch, seq, vocab)`` float32 from a Keras-Hub causal LM's own forward pass.
 
-    Runs ``keras.Model.predict_on_batch`` on the model (Keras jit-compiles its predict function
-    once per input shape) with token ids and padding mask as inputs. Keras-Hub tasks override
-    ``predict_on_batch`` to run their preprocessor first; calling Keras' method skips that step,
-    exactly like detaching the preprocessor, without touching the model.
+    Runs ``model.predict_on_batch`` (Keras jit-compiles its predict function once per input
+    shape) on token ids and padding mask, with the preprocessor detached during the call as
+    Keras-Hub documents for pre-tokenized input. (Keras' own ``predict_on_batch`` on the task
+    with the preprocessor attached would work too, but it first runs an eager forward pass
+    whenever a layer, such as the tokenizer, is unbuilt.)
     """
-    import keras
 
     def logits_fn(token_ids: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
         inputs = {
             "token_ids": np.asarray(token_ids, np.int32),
             "padding_mask": np.asarray(padding_mask, np.int32),
         }
-        return np.asarray(keras.Model.predict_on_batch(model, inputs), dtype=np.float32)
+        preprocessor = getattr(model, "preprocessor", None)
+        model.preprocessor = None
+        try:
+            out = model.predict_on_batch(inputs)
+        finally:
+            model.preprocessor = preprocessor
+        return np.asarray(out, dtype=np.float32)
 
     return logits_fn
 
