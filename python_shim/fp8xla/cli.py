@@ -1,7 +1,9 @@
 """The `fp8xla` command line.
 
-    fp8xla demo                     quantize the default Gemma3 270M to FP8 and generate
-    fp8xla matmuls                  FP8 vs float32 matmuls at Gemma3-270M shapes
+    fp8xla demo                                 quantize the default Gemma3 270M and generate
+    fp8xla quantize -m MODEL -q OUT -p fp8_e4m3 calibrate, quantize, save an FP8 preset
+    fp8xla generate -m PATH "prompt"            generate with a saved (FP8 or float) model
+    fp8xla matmuls                              FP8 vs float32 matmuls at Gemma3-270M shapes
 """
 from __future__ import annotations
 
@@ -80,6 +82,48 @@ def demo(args) -> int:
     return 0
 
 
+def quantize(args) -> int:
+    """Loads MODEL, calibrates on the demo prompts, quantizes and saves an FP8 preset."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from fp8xla import keras as fk
+    from fp8xla import models
+
+    config = fk.StaticQuantConfig(weight_dtype=args.dtype,
+                                  activation_dtype=None if args.weight_only else args.dtype)
+    model = models.load_model(args.model, progress=True)
+
+    def calib_function(m):
+        for i, p in enumerate(CALIBRATION_PROMPTS):
+            _progress(f"calibration prompt {i + 1}/{len(CALIBRATION_PROMPTS)}")
+            m.generate(p, max_length=32)
+
+    _progress("quantizing")
+    fk.quantize_model(model, config, calib_function if config.activation_dtype else None)
+    _progress(f"saving the FP8 preset to {args.output}")
+    model.save_to_preset(args.output)
+    print(f"saved {len(model.fp8.weights)} FP8 weights ({config.weight_dtype}, activations "
+          f"{config.activation_dtype or 'float32'}) to {args.output}")
+    return 0
+
+
+def generate(args) -> int:
+    """Generates with a saved FP8 preset (or any model `fp8xla.models.load_model` takes)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from fp8xla import keras as fk
+    from fp8xla import models, saving
+
+    if os.path.isdir(args.model) and saving.is_fp8_preset(args.model):
+        _progress(f"loading the FP8 preset {args.model}")
+        model = fk.load(args.model)
+    else:
+        model = models.load_model(args.model, progress=True)
+    text, tps, seconds = _timed_generate(model, args.prompt, args.max_length)
+    print(text)
+    print(f"--- {tps:.1f} tokens/s ({'FP8' if getattr(model, 'fp8', None) else 'float32'})",
+          file=sys.stderr)
+    return 0
+
+
 def matmuls(args) -> int:
     """Gemma3-270M-shaped decode (M=1) and prefill (M=512) matmuls: XLA float32 vs the
     fake-quant path vs fp8xla's FP8 custom call, same weights, one process."""
@@ -115,6 +159,17 @@ def main(argv=None) -> int:
     d.add_argument("-p", "--dtype", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
     d.add_argument("--print-model", action="store_true", help="list per-layer scales")
     d.set_defaults(func=demo)
+    q = sub.add_parser("quantize", help="calibrate, quantize to FP8 and save a preset")
+    q.add_argument("-m", "--model", default="gemma3_270m")
+    q.add_argument("-q", "--output", required=True, help="directory of the FP8 preset")
+    q.add_argument("-p", "--dtype", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
+    q.add_argument("--weight-only", action="store_true", help="keep activations float32")
+    q.set_defaults(func=quantize)
+    g = sub.add_parser("generate", help="generate text with a saved model")
+    g.add_argument("-m", "--model", required=True, help="FP8 preset directory or model name")
+    g.add_argument("prompt")
+    g.add_argument("--max-length", type=int, default=64)
+    g.set_defaults(func=generate)
     mm = sub.add_parser("matmuls", help="FP8 vs float32 matmuls at Gemma3-270M shapes")
     mm.add_argument("--m", type=int, nargs="+", default=[1, 512], help="rows (tokens)")
     mm.add_argument("--reps", type=int, default=5, help="repetitions (median is reported)")

@@ -447,6 +447,11 @@ def load(preset_dir, **kwargs):
     return model
 
 
+def is_fp8_preset(preset_dir) -> bool:
+    """Whether ``preset_dir`` holds an fp8xla weights file (an FP8 preset)."""
+    return os.path.isfile(os.path.join(os.fspath(preset_dir), WEIGHTS_FILE))
+
+
 def install_save_hook(model):
     """Makes ``model.save_to_preset`` of a model quantized in this process write an FP8
     preset (called by ``fp8xla.keras`` when it quantizes a model)."""
