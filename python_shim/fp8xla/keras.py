@@ -23,6 +23,11 @@ import numpy as np
 from . import graph, ops, saving
 from .saving import load, save  # noqa: F401  (fp8xla.keras.load / save)
 
+try:  # registers the preprocessor class of the default model, which its presets name
+    from . import models as _models  # noqa: F401
+except ImportError:  # keras_hub/sentencepiece missing: only the default model needs them
+    pass
+
 _DTYPES = {"fp8_e4m3": "e4m3fn", "fp8_e5m2": "e5m2", "e4m3fn": "e4m3fn", "e5m2": "e5m2"}
 
 

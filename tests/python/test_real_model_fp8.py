@@ -31,7 +31,10 @@ def test_cli_quantize_save_then_generate_in_a_fresh_process_knows_paris(tmp_path
     cli("quantize", "-m", "gemma3_270m", "-q", str(out), "-p", "fp8_e4m3")
     fp8_bytes = os.path.getsize(out / "model.weights.fp8xla")
     assert 260e6 < fp8_bytes < 300e6, fp8_bytes  # ~268 M weights, one byte each
-    text = cli("generate", "-m", str(out), "The capital of France is", "--max-length", "26")
+    # The base model continues "The capital of France is" greedily without naming Paris, in
+    # float32 as well; with "... the city of" it names it in float32, and must in FP8.
+    text = cli("generate", "-m", str(out), "The capital of France is the city of",
+               "--max-length", "30")
     assert "Paris" in text, text
 
 
