@@ -1,5 +1,5 @@
 //! `fp8xla_quantize`, `fp8xla_dequantize` and `fp8xla_qdq`.
-use super::{check_same_shape, check_scale, fp8_format, par_map};
+use super::{check_same_shape, check_scale, fp8_format, par_map, same_type_result};
 use crate::fp8::{self, Format};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
@@ -97,17 +97,8 @@ pub fn qdq(call: &mut Call<'_>) -> Result<(), FfiError> {
              \"fp8_e5m2\"), got {name:?}"
         ))
     })?;
-    let x = call.arg(0)?;
-    let (x_dims, x_dtype) = (x.dims(), x.dtype());
-    let y = call.take_ret(0)?;
-    check_same_shape("result 0 (y)", y.dims(), "operand 0 (x)", x_dims)?;
-    if y.dtype() != x_dtype {
-        return Err(FfiError::invalid(format!(
-            "result 0 (y): expected dtype {} (the dtype of operand 0), got {}",
-            x_dtype.name(),
-            y.dtype().name()
-        )));
-    }
+    let x_dtype = call.arg(0)?.dtype();
+    let y = same_type_result(call)?;
     let pool = call.pool();
     match x_dtype {
         DataType::F32 => {

@@ -13,7 +13,7 @@ pub use observer::observe;
 
 use crate::fp8::Format;
 use crate::parallel::{split_range, Parallel};
-use crate::xla_ffi::{DataType, FfiError};
+use crate::xla_ffi::{Call, DataType, FfiError, Ret};
 use std::sync::Mutex;
 
 /// Elements below which a call runs on the calling thread only.
@@ -53,6 +53,21 @@ pub(crate) fn check_same_shape(
             "{what}: expected shape {other_dims:?} (the shape of {other}), got {dims:?}"
         )))
     }
+}
+
+/// Takes result 0 of an x -> y call whose result must have operand 0's shape and dtype.
+pub(crate) fn same_type_result<'a>(call: &mut Call<'a>) -> Result<Ret<'a>, FfiError> {
+    let x = call.arg(0)?;
+    let y = call.take_ret(0)?;
+    check_same_shape("result 0 (y)", y.dims(), "operand 0 (x)", x.dims())?;
+    if y.dtype() != x.dtype() {
+        return Err(FfiError::invalid(format!(
+            "result 0 (y): expected dtype {} (the dtype of operand 0), got {}",
+            x.dtype().name(),
+            y.dtype().name()
+        )));
+    }
+    Ok(y)
 }
 
 /// Applies `f` to matching chunks of `src` and `dst`, in parallel for large inputs.

@@ -1,7 +1,7 @@
 //! `fp8xla_observe`: identity that records max|x| per calibration site, and the registry the
 //! C API reads. NaN and infinities are counted, not folded into the maximum, so one bad
 //! activation is visible instead of silently turning a scale into NaN.
-use super::{check_same_shape, par_map};
+use super::{par_map, same_type_result};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
 use once_cell::sync::Lazy;
@@ -66,17 +66,8 @@ pub fn observe(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.expect_arity(&[1], 1)?;
     call.attrs().reject_unknown(&["site"])?;
     let site = call.attrs().i64("site")?;
-    let x = call.arg(0)?;
-    let (x_dims, x_dtype) = (x.dims(), x.dtype());
-    let y = call.take_ret(0)?;
-    check_same_shape("result 0 (y)", y.dims(), "operand 0 (x)", x_dims)?;
-    if y.dtype() != x_dtype {
-        return Err(FfiError::invalid(format!(
-            "result 0 (y): expected dtype {} (the dtype of operand 0), got {}",
-            x_dtype.name(),
-            y.dtype().name()
-        )));
-    }
+    let x_dtype = call.arg(0)?.dtype();
+    let y = same_type_result(call)?;
     let total = Mutex::new(SiteStat::default());
     let add = |s: SiteStat| total.lock().unwrap_or_else(|p| p.into_inner()).merge(s);
     let pool = call.pool();

@@ -39,9 +39,8 @@ def prompts(rng, n, length=12, filled=5):
     return {"token_ids": token_ids, "padding_mask": mask}
 
 
-def fake_quantized_copy(model, qmodel):
-    """A stock model whose quantized weights hold f32(codes) * scale (the same scales)."""
-    ref = tiny_gemma3()
+def assign_dequantized_weights(ref, qmodel):
+    """Sets each weight `qmodel` quantized to f32(codes) * scale in the float model `ref`."""
     for q in qmodel.fp8.weights.values():
         w = q.codes.astype(np.float32)
         if q.channel_dim is None:
@@ -51,6 +50,12 @@ def fake_quantized_copy(model, qmodel):
             shape[q.channel_dim] = -1
             w = w * np.asarray(q.w_scale, np.float32).reshape(shape)
         ref.trainable_variables[q.index].assign(w)
+
+
+def fake_quantized_copy(model, qmodel):
+    """A stock model whose quantized weights hold f32(codes) * scale (the same scales)."""
+    ref = tiny_gemma3()
+    assign_dequantized_weights(ref, qmodel)
     # Stock generate() fails without a preprocessor (Keras-Hub 0.32 returns "images": None).
     ref.generate_function = float_generate_function(ref)
     return ref

@@ -40,7 +40,7 @@ def test_cli_quantize_save_then_generate_in_a_fresh_process_knows_paris(tmp_path
 
 def test_fp8_logits_match_fake_quant_reference():
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_keras_tiny import _fake_quant_activation_logits
+    from test_keras_tiny import _fake_quant_activation_logits, assign_dequantized_weights
 
     from fp8xla.cli import CALIBRATION_PROMPTS
     from fp8xla.keras import StaticQuantConfig, logits, quantize_model
@@ -49,15 +49,7 @@ def test_fp8_logits_match_fake_quant_reference():
     quantize_model(model, StaticQuantConfig("fp8_e4m3", "fp8_e4m3"),
                    lambda m: [m.generate(p, max_length=24) for p in CALIBRATION_PROMPTS[:4]])
     ref = models.load_model(progress=False)
-    for q in model.fp8.weights.values():  # the reference holds f32(codes) * scale
-        w = q.codes.astype(np.float32)
-        if q.channel_dim is None:
-            w = w * np.float32(q.w_scale)
-        else:
-            shape = [1] * w.ndim
-            shape[q.channel_dim] = -1
-            w = w * np.asarray(q.w_scale, np.float32).reshape(shape)
-        ref.trainable_variables[q.index].assign(w)
+    assign_dequantized_weights(ref, model)  # the reference holds f32(codes) * scale
     prompts = ["The capital of France is", "Describe the city of Berlin?", "Water boils at",
                "def add(a, b):", "Once upon a time", "The theory of relativity",
                "My favourite food is", "In 1492, Columbus", "The mitochondria is",
