@@ -42,12 +42,15 @@ class StaticQuantConfig:
     quantize_embeddings: also store the token embedding in FP8 (it serves the embedding
         lookup, which gathers FP8 rows, and the tied logits matmul). Embedding scales are per
         tensor so that the lookup dequantizes only the rows it gathers.
+    float_activation_layers: matmuls on weights whose path contains one of these strings
+        keep float32 activations (their weights are still FP8).
     """
 
     weight_dtype: str = "fp8_e4m3"
     activation_dtype: str | None = "fp8_e4m3"
     granularity: str = "per_channel"
     quantize_embeddings: bool = True
+    float_activation_layers: tuple = ()
 
     def __post_init__(self):
         for name in ("weight_dtype", "activation_dtype"):
@@ -296,7 +299,8 @@ def quantize_model(model, config: StaticQuantConfig, calib_function=None):
             channel_dim = max(free, key=lambda d: (w.shape[d], d)) if free else None
         codes, scale = ops.quantize_weight(w, config.w_format, channel_dim)
         a_scale = None
-        if config.a_format and i in amax:
+        if config.a_format and i in amax and not any(
+                name in var.path for name in config.float_activation_layers):
             a_scale = ops.scale_for(amax[i], config.a_format)
         qweights[i] = QuantizedWeight(i, var.path, codes, scale, channel_dim, a_scale)
     _install(model, config, qweights)
