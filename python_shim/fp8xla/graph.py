@@ -130,12 +130,5 @@ def quantize_exported(exp, options: dict):
     return with_module(exp, text, avals), report
 
 
-def flat_index_of(exp, tree_path_predicate):
-    """Flat argument indices whose pytree path satisfies the predicate (helper for users)."""
-    leaves = jax.tree_util.tree_flatten_with_path(
-        jax.tree_util.tree_unflatten(exp.in_tree, list(range(len(exp.in_avals)))))[0]
-    return [int(i) for path, i in leaves if tree_path_predicate(path)]
-
-
 __all__ = ["RewriteError", "module_text", "run_pass", "with_module", "instrument_exported",
-           "calibrate", "quantize_exported", "flat_index_of"]
+           "calibrate", "quantize_exported"]

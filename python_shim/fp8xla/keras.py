@@ -97,14 +97,6 @@ def _check_model(model):
             f"{type(model).__name__}")
 
 
-def _state_values(model):
-    return (
-        [v.value for v in model.sampler.variables],
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-    )
-
-
 def _spec(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
