@@ -122,7 +122,7 @@ def test_observe_records_max_abs_per_site(rng):
     finite = b[np.isfinite(b)]
     assert stats[12].amax == np.abs(finite).max()
     assert stats[12].nonfinite == 2 and stats[12].count == b.size
-    f(a * 3, b)  # a second call keeps the running maximum
+    jax.block_until_ready(f(a * 3, b))  # a second call keeps the running maximum
     assert ops.observer_stats()[11].amax == np.abs(a * 3).max()
     assert ops.observer_stats()[11].count == 2 * a.size
     ops.reset_observer()
