@@ -33,6 +33,10 @@ struct XLA_FFI_Error* fp8xla_observe(struct XLA_FFI_CallFrame* frame);
  * rhs_batching_dims (optional), w_scale (f32, per tensor, unless operand 2 is given),
  * a_scale (optional f32), a_format (optional, default: the weights' format). */
 struct XLA_FFI_Error* fp8xla_matmul(struct XLA_FFI_CallFrame* frame);
+/* table: f8e4m3fn|f8e5m2 [rows, ...], indices: s32|s64 [batch...] or [batch..., 1]
+ * -> f32|bf16 [batch..., row dims...] = f32(table[clamp(i, 0, rows-1)]) * scale
+ * (an embedding lookup); attribute scale. */
+struct XLA_FFI_Error* fp8xla_take(struct XLA_FFI_CallFrame* frame);
 
 /* Number of sites fp8xla_observe has recorded since the last reset. */
 int64_t fp8xla_observer_num_sites(void);

@@ -77,8 +77,11 @@ struct Checked {
 
 /// Runs quantize and checks the properties every result must have.
 fn quantize_checked(module_name: &str, options_name: &str) -> Checked {
+    quantize_checked_with(module_name, data(options_name))
+}
+
+fn quantize_checked_with(module_name: &str, options: String) -> Checked {
     let text = data(&format!("{module_name}.mlir"));
-    let options = data(options_name);
     let (out, report) = quantize(&text, &options).unwrap_or_else(|e| panic!("{e}"));
     let module = parse_module(&out).expect("output parses");
     assert_eq!(print_module(&module), out, "output round-trips");
@@ -256,15 +259,16 @@ fn gemma3_all_weights() {
         .collect();
     assert_eq!(logits.len(), 1);
     assert_eq!(logits[0]["rhs_contracting_dims"], serde_json::json!([1]));
-    // Both embedding lookups gather FP8 rows.
-    let gathers: Vec<&Op> = all_ops(&c.module)
-        .into_iter()
-        .filter(|o| o.name == "stablehlo.gather")
-        .collect();
-    assert_eq!(gathers.len(), 2);
-    for g in gathers {
-        assert_eq!(element(&g.operand_types[0]), Some(ElementType::F8E4M3FN));
-        assert_eq!(element(&g.result_types[0]), Some(ElementType::F8E4M3FN));
+    // Both embedding lookups take FP8 rows with fp8xla_take: no gather is left.
+    assert!(all_ops(&c.module)
+        .iter()
+        .all(|o| o.name != "stablehlo.gather"));
+    let takes = custom_calls(&c.module, "fp8xla_take");
+    assert_eq!(takes.len(), 2);
+    for t in &takes {
+        assert_eq!(element(&t.operand_types[0]), Some(ElementType::F8E4M3FN));
+        assert_eq!(t.operand_types[0].to_string(), "tensor<256x32xf8E4M3FN>");
+        assert_eq!(element(&t.result_types[0]), Some(ElementType::F32));
     }
     // The decode loop carries the 15 weights in FP8.
     let w = all_ops(&c.module)
@@ -322,6 +326,63 @@ fn gemma3_per_channel_skips_and_site_scales() {
         "ffw_gating and ffw_gating_2, prefill and decode"
     );
     assert_no_float_table(&c.module);
+}
+
+#[test]
+fn gemma3_per_channel_embedding_gathers_bytes() {
+    // Per-channel scales along the embedding's row dim: no fp8xla_take (it is per tensor);
+    // the gather reads the FP8 table's bytes (XLA's CPU backend would gather FP8 through a
+    // whole-table f16 copy) and the rows are dequantized by the custom call, never by a
+    // stablehlo.convert that XLA could move in front of the gather and out of the loop.
+    let mut opts: Value = serde_json::from_str(&data("gemma3.quantize.json")).unwrap();
+    for w in opts["weights"].as_array_mut().unwrap() {
+        if w["arg"] == 2 {
+            let scales: Vec<f64> = (0..32).map(|i| 1e-3 * (1.0 + i as f64)).collect();
+            w["w_scale"] = serde_json::json!(scales);
+            w["channel_dim"] = serde_json::json!(1);
+        }
+    }
+    let c = quantize_checked_with("gemma3", opts.to_string());
+    assert!(custom_calls(&c.module, "fp8xla_take").is_empty());
+    let ops = all_ops(&c.module);
+    let def = |name: &String| {
+        *ops.iter()
+            .find(|o| o.results.iter().any(|r| &r.name == name))
+            .unwrap()
+    };
+    let only_user = |name: &String| {
+        let users: Vec<&&Op> = ops.iter().filter(|o| o.operands.contains(name)).collect();
+        assert_eq!(users.len(), 1, "{name}");
+        *users[0]
+    };
+    let ui8 = ElementType::Int {
+        width: 8,
+        unsigned: true,
+    };
+    let gathers: Vec<&&Op> = ops
+        .iter()
+        .filter(|o| o.name == "stablehlo.gather")
+        .collect();
+    assert_eq!(gathers.len(), 2);
+    for g in gathers {
+        assert_eq!(element(&g.operand_types[0]), Some(ui8.clone()));
+        assert_eq!(element(&g.result_types[0]), Some(ui8.clone()));
+        let bytes = def(&g.operands[0]);
+        assert_eq!(bytes.name, "stablehlo.bitcast_convert");
+        assert_eq!(
+            element(&bytes.operand_types[0]),
+            Some(ElementType::F8E4M3FN)
+        );
+        let rows = only_user(&g.results[0].name);
+        assert_eq!(rows.name, "stablehlo.bitcast_convert");
+        assert_eq!(element(&rows.result_types[0]), Some(ElementType::F8E4M3FN));
+        let deq = only_user(&rows.results[0].name);
+        assert_eq!(deq.prop("call_target_name"), Some("\"fp8xla_dequantize\""));
+        // scale 1 in the call, then the per-channel scales along the row dim
+        assert_eq!(only_user(&deq.results[0].name).name, "stablehlo.multiply");
+    }
+    // (The tied logits contract the channel dim, so the logits matmul dequantizes the table
+    // as a whole here: scales along a contracting dim cannot be applied to the output.)
 }
 
 #[test]

@@ -28,6 +28,7 @@ export_handlers! {
     fp8xla_qdq => handlers::qdq,
     fp8xla_observe => handlers::observe,
     fp8xla_matmul => handlers::matmul,
+    fp8xla_take => handlers::take,
 }
 
 /// Number of sites `fp8xla_observe` has recorded since the last reset.

@@ -91,9 +91,10 @@ class QuantizedWeight:
 def _check_model(model):
     import keras_hub
 
-    if not isinstance(model, keras_hub.models.CausalLM):
+    # The rewrite itself is model-agnostic, but only Gemma3's graph is tested end to end.
+    if not isinstance(model, keras_hub.models.Gemma3CausalLM):
         raise TypeError(
-            f"fp8xla.keras: expected a keras_hub.models.CausalLM (e.g. Gemma3CausalLM), got "
+            f"fp8xla.keras: expected a keras_hub.models.Gemma3CausalLM, got "
             f"{type(model).__name__}")
 
 
@@ -275,8 +276,7 @@ def quantize_model(model, config: StaticQuantConfig, calib_function=None):
                          "calib_function (or use activation_dtype=None for weight-only)")
     candidates = _quantizable_variables(model, config)
     if not candidates:
-        raise ValueError(f"fp8xla.keras.quantize_model: {type(model).__name__} has no "
-                         "quantizable (matmul) weights")
+        raise ValueError(_no_quantizable_layers(model))
     amax = calibrate(model, calib_function, candidates) if config.a_format else {}
     dims = _matmul_dims(model, candidates)
     qweights = {}
@@ -295,8 +295,17 @@ def quantize_model(model, config: StaticQuantConfig, calib_function=None):
                 name in var.path for name in config.float_activation_layers):
             a_scale = ops.scale_for(amax[i], config.a_format)
         qweights[i] = QuantizedWeight(i, var.path, codes, scale, channel_dim, a_scale)
+    if not qweights:
+        raise ValueError(_no_quantizable_layers(model))
     _install(model, config, qweights)
     return model
+
+
+def _no_quantizable_layers(model):
+    return (f"fp8xla.keras.quantize_model: {type(model).__name__} has no quantizable layers: "
+            "no trainable float weight of rank >= 2 feeds a matmul of its generate step "
+            "(fp8xla quantizes trainable variables; frozen ones, e.g. after enable_lora(), "
+            "stay as they are)")
 
 
 def _is_embedding(var):

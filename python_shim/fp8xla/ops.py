@@ -105,6 +105,23 @@ def dequantize(q, scale, dtype=jnp.float32):
     return jax.ffi.ffi_call("fp8xla_dequantize", out)(q, scale=s)
 
 
+def take(table, indices, scale, dtype=jnp.float32):
+    """Dequantized rows of an FP8 table (an embedding lookup): ``f32(table[i]) * scale`` for
+    each index, clamped to the table's rows like ``stablehlo.gather``; shape
+    ``indices.shape + table.shape[1:]``."""
+    table, indices = jnp.asarray(table), jnp.asarray(indices)
+    fp8_dtype(table.dtype)
+    if table.ndim < 1:
+        raise ValueError("fp8xla.take: `table` must have rank >= 1, got a scalar")
+    if indices.dtype not in (np.int32, np.int64):
+        raise TypeError(f"fp8xla.take: `indices` must be int32 or int64, got {indices.dtype}")
+    s = _check_scale("take", scale)
+    if np.dtype(dtype) not in _FLOAT_INPUTS:
+        raise TypeError(f"fp8xla.take: `dtype` must be float32 or bfloat16, got {dtype}")
+    out = jax.ShapeDtypeStruct(indices.shape + table.shape[1:], np.dtype(dtype))
+    return jax.ffi.ffi_call("fp8xla_take", out)(table, indices, scale=s)
+
+
 def qdq(x, scale, format="e4m3fn"):
     """Fake quantization in one pass: ``dequantize(quantize(x, scale), scale)``, same dtype."""
     x = jnp.asarray(x)

@@ -6,10 +6,12 @@
 mod elementwise;
 mod matmul;
 pub mod observer;
+mod take;
 
 pub use elementwise::{dequantize, qdq, quantize};
 pub use matmul::matmul;
 pub use observer::observe;
+pub use take::take;
 
 use crate::fp8::Format;
 use crate::parallel::{split_range, Parallel};

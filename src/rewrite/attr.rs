@@ -136,6 +136,12 @@ pub struct GatherDims {
     pub collapsed_slice_dims: Vec<i64>,
     /// Operand batching dims.
     pub operand_batching_dims: Vec<i64>,
+    /// Start-indices batching dims.
+    pub start_indices_batching_dims: Vec<i64>,
+    /// Operand dim each index component addresses.
+    pub start_index_map: Vec<i64>,
+    /// Dim of the start indices that holds the index vector.
+    pub index_vector_dim: Option<i64>,
 }
 
 impl GatherDims {
@@ -147,6 +153,9 @@ impl GatherDims {
                 "offset_dims" => d.offset_dims = parse_list_i64(v)?,
                 "collapsed_slice_dims" => d.collapsed_slice_dims = parse_list_i64(v)?,
                 "operand_batching_dims" => d.operand_batching_dims = parse_list_i64(v)?,
+                "start_indices_batching_dims" => d.start_indices_batching_dims = parse_list_i64(v)?,
+                "start_index_map" => d.start_index_map = parse_list_i64(v)?,
+                "index_vector_dim" => d.index_vector_dim = Some(v.trim().parse().ok()?),
                 _ => {}
             }
         }

@@ -140,20 +140,47 @@ impl Emitter<'_> {
         out: &str,
         pos: Pos,
         loc: &Option<String>,
+        convert: Convert,
     ) -> Vec<Op> {
         let f32_ty = Type::Tensor(src_ty.with_element(ElementType::F32));
         let mut ops = Vec::new();
         let converted = self.names.fresh();
-        ops.push(Op::simple(
+        let to_f32 = Op::simple(
             self.id(),
             pos,
             Some(&converted),
-            "stablehlo.convert",
+            match convert {
+                Convert::Plain => "stablehlo.convert",
+                Convert::Opaque => "stablehlo.custom_call",
+            },
             vec![src.to_string()],
             vec![Type::Tensor(src_ty.clone())],
             vec![f32_ty.clone()],
             loc.clone(),
-        ));
+        );
+        if convert == Convert::Opaque {
+            let per_tensor = match scale {
+                Scale::PerTensor(s) => Some(*s),
+                Scale::PerChannel { .. } => None,
+            };
+            ops.push(with_props(
+                to_f32,
+                vec![
+                    ("api_version", "4 : i32".into()),
+                    (
+                        "backend_config",
+                        format!("{{scale = {} : f32}}", fmt_f32(per_tensor.unwrap_or(1.0))),
+                    ),
+                    ("call_target_name", "\"fp8xla_dequantize\"".into()),
+                ],
+            ));
+            if per_tensor.is_some() {
+                // the scale is applied by the custom call itself
+                return self.finish(ops, converted, &f32_ty, src_ty, element, out, pos, loc);
+            }
+        } else {
+            ops.push(to_f32);
+        }
         let (scales, scalar, bdims) = match (scale, channel) {
             (Scale::PerTensor(s), _) => (vec![*s], true, vec![]),
             (Scale::PerChannel { scales, .. }, Some(c)) => (scales.clone(), false, vec![c as i64]),
@@ -177,12 +204,7 @@ impl Emitter<'_> {
             bop,
             vec![("broadcast_dimensions", array_i64(&bdims))],
         ));
-        let needs_convert = *element != ElementType::F32;
-        let m = if needs_convert {
-            self.names.fresh()
-        } else {
-            out.to_string()
-        };
+        let m = self.names.fresh();
         ops.push(Op::simple(
             self.id(),
             pos,
@@ -193,18 +215,51 @@ impl Emitter<'_> {
             vec![f32_ty.clone()],
             loc.clone(),
         ));
-        if needs_convert {
-            ops.push(Op::simple(
-                self.id(),
-                pos,
-                Some(out),
-                "stablehlo.convert",
-                vec![m],
-                vec![f32_ty],
-                vec![Type::Tensor(src_ty.with_element(element.clone()))],
-                loc.clone(),
-            ));
+        self.finish(ops, m, &f32_ty, src_ty, element, out, pos, loc)
+    }
+
+    /// Ends a dequantization whose float32 value is `value`: renames it to `out`, converting
+    /// to `element` when that is not f32.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        mut ops: Vec<Op>,
+        value: String,
+        f32_ty: &Type,
+        src_ty: &TensorType,
+        element: &ElementType,
+        out: &str,
+        pos: Pos,
+        loc: &Option<String>,
+    ) -> Vec<Op> {
+        if *element == ElementType::F32 {
+            let last = ops.last_mut().expect("a dequantization has ops");
+            last.results[0].name = out.to_string();
+            return ops;
         }
+        ops.push(Op::simple(
+            self.id(),
+            pos,
+            Some(out),
+            "stablehlo.convert",
+            vec![value],
+            vec![f32_ty.clone()],
+            vec![Type::Tensor(src_ty.with_element(element.clone()))],
+            loc.clone(),
+        ));
         ops
     }
+}
+
+/// How FP8 values become float32 in a dequantization.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Convert {
+    /// `stablehlo.convert`: XLA may move it, e.g. hoist it out of a loop when its input is
+    /// loop-invariant (right for a whole weight that some unsupported op reads every step).
+    Plain,
+    /// The `fp8xla_dequantize` custom call, which XLA cannot move. After a row gather this
+    /// matters: XLA rewrites `convert(gather(table))` into `gather(convert(table))` and then
+    /// hoists the convert of the whole embedding table out of the decode loop, so every
+    /// generate call would convert all 168 M entries and hold a 16-bit copy of the table.
+    Opaque,
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde_json::{json, Value};
 
 use super::attr::{array_i64, fmt_f32, parse_array_i64, GatherDims};
-use super::emit::{with_props, Emitter, Names, Scale};
+use super::emit::{with_props, Convert, Emitter, Names, Scale};
 use super::flow::{self, Flow, OtherUse, Site};
 use super::ir::{Dim, ElementType, Module, Op, TensorType, Type};
 use super::options::{
@@ -377,12 +377,12 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
             module: &mut module,
             names: &mut names,
         };
+        let loc = em.module.top.find(*id).expect("gather exists").loc.clone();
         match rewrite_gather(&mut em, *id, spec, &original[arg]) {
             Ok(detail) => {
-                let op = module.top.find(*id).expect("gather exists");
                 handled.push(json!({
                     "kind": "gather", "arg": arg, "function": func,
-                    "loc": loc_json(&op.loc, &aliases), "detail": detail,
+                    "loc": loc_json(&loc, &aliases), "detail": detail,
                 }));
             }
             Err(why) => other_uses.push(OtherUse {
@@ -442,6 +442,7 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
             &out,
             pos,
             &loc,
+            Convert::Plain,
         );
         module.insert_before(u.op, ops);
         if let Some(op) = module.top.find_mut(u.op) {
@@ -738,6 +739,104 @@ fn rewrite_dot(
     }))
 }
 
+/// The indices operand of a gather that takes whole rows of dim 0 (an embedding lookup:
+/// `table[indices]`), with index type s32|s64; None for any other gather.
+fn row_take_indices(op: &Op, w: &TensorType) -> Option<usize> {
+    let g = op.prop("dimension_numbers").and_then(GatherDims::parse)?;
+    let sizes = op.prop("slice_sizes").and_then(parse_array_i64)?;
+    let idx = op.operand_types.get(1)?.as_tensor()?;
+    if !matches!(
+        idx.element,
+        ElementType::Int {
+            width: 32 | 64,
+            unsigned: false
+        }
+    ) {
+        return None;
+    }
+    let idx_rank = idx.rank() as i64;
+    let batch_rank = match g.index_vector_dim {
+        Some(d) if d == idx_rank => idx_rank,
+        Some(d) if d == idx_rank - 1 && matches!(idx.dims.last(), Some(Dim::Static(1))) => d,
+        _ => return None,
+    };
+    let full_rows = w.dims.iter().enumerate().all(|(d, n)| match (d, n) {
+        (0, _) => sizes.first() == Some(&1),
+        (d, Dim::Static(n)) => sizes.get(d) == Some(&(*n as i64)),
+        (_, Dim::Dynamic) => false,
+    });
+    let trailing: Vec<i64> = (batch_rank..batch_rank + w.rank() as i64 - 1).collect();
+    let plain = g.collapsed_slice_dims == [0]
+        && g.start_index_map == [0]
+        && g.operand_batching_dims.is_empty()
+        && g.start_indices_batching_dims.is_empty()
+        && g.offset_dims == trailing
+        && sizes.len() == w.rank();
+    (plain && full_rows).then_some(1)
+}
+
+/// Replaces a row gather on a per-tensor FP8 table with `fp8xla_take`.
+fn take_rows(
+    em: &mut Emitter,
+    op: &Op,
+    out: &TensorType,
+    e8: &ElementType,
+    scale: f32,
+    indices: usize,
+) -> String {
+    let take_element = match out.element {
+        ElementType::F32 | ElementType::Bf16 => out.element.clone(),
+        _ => ElementType::F32,
+    };
+    let take_ty = out.with_element(take_element.clone());
+    let orig_name = op.results[0].name.clone();
+    let taken = if take_element == out.element {
+        orig_name.clone()
+    } else {
+        em.names.fresh()
+    };
+    let mut table_ty = op.operand_types[0].clone();
+    if let Type::Tensor(t) = &mut table_ty {
+        t.element = e8.clone();
+    }
+    let call = Op::simple(
+        em.id(),
+        op.pos,
+        Some(&taken),
+        "stablehlo.custom_call",
+        vec![op.operands[0].clone(), op.operands[indices].clone()],
+        vec![table_ty, op.operand_types[indices].clone()],
+        vec![Type::Tensor(take_ty.clone())],
+        op.loc.clone(),
+    );
+    let mut ops = vec![with_props(
+        call,
+        vec![
+            ("api_version", "4 : i32".into()),
+            (
+                "backend_config",
+                format!("{{scale = {} : f32}}", fmt_f32(scale)),
+            ),
+            ("call_target_name", "\"fp8xla_take\"".into()),
+        ],
+    )];
+    if taken != orig_name {
+        ops.push(Op::simple(
+            em.id(),
+            op.pos,
+            Some(&orig_name),
+            "stablehlo.convert",
+            vec![taken],
+            vec![Type::Tensor(take_ty)],
+            vec![Type::Tensor(out.clone())],
+            op.loc.clone(),
+        ));
+    }
+    em.module.insert_before(op.id, ops);
+    em.module.remove(op.id);
+    format!("fp8xla_take: dequantizes only the {e8} rows it takes (per-tensor)")
+}
+
 /// Gathers FP8 rows, then dequantizes only those rows.
 fn rewrite_gather(
     em: &mut Emitter,
@@ -791,10 +890,53 @@ fn rewrite_gather(
         }
     };
     let e8 = fp8_element(spec.format);
+    if let (Scale::PerTensor(scale), Some(indices)) = (&spec.scale, row_take_indices(&op, w)) {
+        return Ok(take_rows(em, &op, &out, &e8, *scale, indices));
+    }
+    // XLA's CPU backend has no FP8 gather: it converts the whole table to f16 (and hoists
+    // that out of the decode loop). This gather runs on the bytes instead, bitcast to ui8
+    // and back; XLA still copies the table for the bitcast, once per call of the module.
+    let u8 = ElementType::Int {
+        width: 8,
+        unsigned: true,
+    };
+    let table = op
+        .operands
+        .first()
+        .ok_or("gather without operands")?
+        .clone();
+    let table_ty = op
+        .operand_types
+        .first()
+        .and_then(Type::as_tensor)
+        .ok_or("gather operand is not a ranked tensor")?
+        .with_element(e8.clone());
+    let table_u8 = em.names.fresh();
+    let to_bytes = Op::simple(
+        em.id(),
+        op.pos,
+        Some(&table_u8),
+        "stablehlo.bitcast_convert",
+        vec![table],
+        vec![Type::Tensor(table_ty.clone())],
+        vec![Type::Tensor(table_ty.with_element(u8.clone()))],
+        op.loc.clone(),
+    );
+    let rows_u8 = em.names.fresh();
     let rows = em.names.fresh();
     let orig_name = op.results[0].name.clone();
     let rows_ty = out.with_element(e8.clone());
-    let ops = em.dequantize(
+    let mut ops = vec![Op::simple(
+        em.id(),
+        op.pos,
+        Some(&rows),
+        "stablehlo.bitcast_convert",
+        vec![rows_u8.clone()],
+        vec![Type::Tensor(rows_ty.with_element(u8.clone()))],
+        vec![Type::Tensor(rows_ty.clone())],
+        op.loc.clone(),
+    )];
+    ops.extend(em.dequantize(
         &rows,
         &rows_ty,
         &out.element,
@@ -803,16 +945,17 @@ fn rewrite_gather(
         &orig_name,
         op.pos,
         &op.loc,
-    );
+        Convert::Opaque,
+    ));
     let g = em.module.top.find_mut(id).ok_or("gather vanished")?;
-    g.results[0].name = rows;
-    if let Type::Tensor(t) = &mut g.operand_types[0] {
-        t.element = e8.clone();
-    }
-    g.result_types[0] = Type::Tensor(rows_ty);
+    g.results[0].name = rows_u8;
+    g.operands[0] = table_u8;
+    g.operand_types[0] = Type::Tensor(table_ty.with_element(u8.clone()));
+    g.result_types[0] = Type::Tensor(rows_ty.with_element(u8));
     em.module.insert_after(id, ops);
+    em.module.insert_before(id, vec![to_bytes]);
     Ok(format!(
-        "gathers {e8} rows, dequantizes only the gathered rows ({})",
+        "gathers {e8} rows (as bytes), dequantizes only the gathered rows ({})",
         if channel.is_some() {
             "per-channel"
         } else {

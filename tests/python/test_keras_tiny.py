@@ -102,8 +102,14 @@ def test_print_model_lists_every_quantized_layer(rng, capsys):
 def test_errors():
     with pytest.raises(ValueError, match="unknown weight_dtype 'fp8_e4m3fnuz'"):
         StaticQuantConfig(weight_dtype="fp8_e4m3fnuz")
-    with pytest.raises(TypeError, match="expected a keras_hub.models.CausalLM"):
+    with pytest.raises(TypeError, match="expected a keras_hub.models.Gemma3CausalLM, got "
+                                        "Sequential"):
         quantize_model(keras.Sequential([keras.layers.Dense(2)]), StaticQuantConfig(), lambda m: 0)
+    frozen = tiny_gemma3()
+    frozen.backbone.trainable = False
+    with pytest.raises(ValueError, match="Gemma3CausalLM has no quantizable layers"):
+        quantize_model(frozen, StaticQuantConfig(activation_dtype=None))
+    assert not hasattr(frozen, "fp8")  # nothing installed half-way
     model = tiny_gemma3()
     with pytest.raises(RuntimeError, match="calib_function never ran the model's generate"):
         quantize_model(model, StaticQuantConfig(), lambda m: None)
@@ -189,3 +195,25 @@ def test_compile_after_quantize_keeps_fp8(rng):
     got = model.generate(batch, max_length=10, stop_token_ids=None)
     want = ref.generate(batch, max_length=10, stop_token_ids=None)
     np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
+
+
+def test_compiled_generate_never_holds_a_float_copy_of_the_embedding_table(rng):
+    """XLA turns `convert(gather(table))` into `gather(convert(table))` and hoists the convert
+    out of the decode loop; the row dequantization must stay where the rewrite put it."""
+    from fp8xla.keras import _GraphCache
+
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None))
+    batch = prompts(rng, 2)
+    model.generate(batch, max_length=12, stop_token_ids=None)
+    cache = next(c.cell_contents for c in model.generate_function.__closure__
+                 if isinstance(c.cell_contents, _GraphCache))
+    (run,) = cache.compiled.values()
+    state = ([v.value for v in model.sampler.variables],
+             [model.fp8.codes.get(i, v.value) for i, v in enumerate(model.trainable_variables)],
+             [v.value for v in model.non_trainable_variables])
+    inputs = {k: keras.ops.convert_to_tensor(v) for k, v in batch.items()}
+    hlo = run.lower(inputs, state).compile().as_text()
+    assert "f8e4m3fn[256,32]" in hlo  # the table, as an argument
+    for float_type in ("f16", "bf16", "f32", "f64", "u8"):  # nor a byte copy
+        assert f" {float_type}[256,32]" not in hlo, [ln for ln in hlo.splitlines() if "[256,32]" in ln][:6]

@@ -1,0 +1,100 @@
+//! `fp8xla_take`: rows of an FP8 table, dequantized — the embedding lookup of a quantized
+//! model. XLA's CPU backend gathers FP8 only through a float copy of the whole table (which
+//! it then hoists out of the decode loop), so the lookup is a custom call of its own.
+use super::{check_scale, fp8_format};
+use crate::fp8;
+use crate::xla_ffi::{Call, DataType, FfiError};
+use half::bf16;
+
+/// table f8 `[rows, *row_dims]`, indices s32|s64 `[*batch]` or `[*batch, 1]` →
+/// out f32|bf16 `[*batch, *row_dims]` = `f32(table[i]) * scale`. Indices are clamped to
+/// `[0, rows - 1]`, as `stablehlo.gather` clamps its start indices.
+pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
+    call.expect_arity(&[2], 1)?;
+    call.attrs().reject_unknown(&["scale"])?;
+    let scale = check_scale("scale", call.attrs().f32("scale")?)?;
+    let table = call.arg(0)?;
+    let format = fp8_format(table.dtype()).ok_or_else(|| {
+        FfiError::invalid(format!(
+            "operand 0 (table): expected dtype float8_e4m3fn or float8_e5m2, got {}",
+            table.dtype().name()
+        ))
+    })?;
+    let t_dims = table.dims();
+    let Some((&rows, row_dims)) = t_dims.split_first() else {
+        return Err(FfiError::invalid(
+            "operand 0 (table): expected rank >= 1, got a scalar",
+        ));
+    };
+    let row_len = row_dims.iter().product::<i64>() as usize;
+    let table = table.slice::<u8>("operand 0 (table)")?;
+    let idx = call.arg(1)?;
+    let idx_dims = idx.dims();
+    let indices: Vec<i64> = match idx.dtype() {
+        DataType::S32 => idx
+            .slice::<i32>("operand 1 (indices)")?
+            .iter()
+            .map(|&i| i as i64)
+            .collect(),
+        DataType::S64 => idx.slice::<i64>("operand 1 (indices)")?.to_vec(),
+        other => {
+            return Err(FfiError::invalid(format!(
+                "operand 1 (indices): expected dtype int32 or int64, got {}",
+                other.name()
+            )))
+        }
+    };
+    let out = call.take_ret(0)?;
+    let batch = match idx_dims.split_last() {
+        Some((1, lead)) if out.dims().len() == lead.len() + row_dims.len() => lead,
+        _ => idx_dims,
+    };
+    let want: Vec<i64> = batch.iter().chain(row_dims).copied().collect();
+    if out.dims() != want.as_slice() {
+        return Err(FfiError::invalid(format!(
+            "result 0 (out): expected shape {want:?} (indices {idx_dims:?} then the row \
+             dims of table {t_dims:?}), got {:?}",
+            out.dims()
+        )));
+    }
+    if rows == 0 && !indices.is_empty() {
+        return Err(FfiError::invalid(format!(
+            "operand 0 (table): has no rows to take {} indices from",
+            indices.len()
+        )));
+    }
+    let row = |i: i64| {
+        let r = i.clamp(0, rows - 1) as usize;
+        &table[r * row_len..(r + 1) * row_len]
+    };
+    match out.dtype() {
+        DataType::F32 => {
+            let dst = out.into_slice::<f32>("result 0 (out)")?;
+            copy_rows(&indices, row_len, dst, |i, d| {
+                fp8::dequantize(format, scale, row(i), d)
+            });
+        }
+        DataType::Bf16 => {
+            let dst = out.into_slice::<bf16>("result 0 (out)")?;
+            copy_rows(&indices, row_len, dst, |i, d| {
+                fp8::dequantize_bf16(format, scale, row(i), d)
+            });
+        }
+        other => {
+            return Err(FfiError::invalid(format!(
+                "result 0 (out): expected dtype float32 or bfloat16, got {}",
+                other.name()
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn copy_rows<D>(indices: &[i64], row_len: usize, dst: &mut [D], f: impl Fn(i64, &mut [D])) {
+    if row_len == 0 {
+        return;
+    }
+    for (&i, d) in indices.iter().zip(dst.chunks_exact_mut(row_len)) {
+        f(i, d);
+    }
+}
