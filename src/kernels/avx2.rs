@@ -47,18 +47,16 @@ fn scaled_table(fmt: Format) -> &'static [f32; 256] {
 
 #[cfg(not(target_arch = "x86_64"))]
 impl Avx2 {
-    pub(super) fn gemv_kn(
+    pub(super) fn kn_rows(
         self,
         _: Format,
         _: &[f32],
         _: usize,
         _: usize,
+        _: usize,
         _: &[u8],
         _: usize,
-        _: usize,
         _: &mut [f32],
-        _: usize,
-        _: Mul,
     ) {
         unreachable!()
     }
@@ -110,44 +108,45 @@ impl Avx2 {
 
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
-    /// See `super::gemv_kn`.
-    pub(super) fn gemv_kn(
+    /// See `scalar::kn_rows` (same sums, in this backend's domain: e4m3fn times 2^-8).
+    pub(super) fn kn_rows(
         self,
         fmt: Format,
         lhs: &[f32],
+        ls: usize,
         rows: usize,
-        k: usize,
+        kr: usize,
         w: &[u8],
-        ws: usize,
         ncols: usize,
-        out: &mut [f32],
-        os: usize,
-        mul: Mul,
+        acc: &mut [f32],
     ) {
-        assert!((1..=4).contains(&rows) && k >= 1 && ncols <= ws);
-        assert!(lhs.len() >= rows * k && w.len() >= (k - 1) * ws + ncols);
-        assert!(out.len() >= (rows - 1) * os + ncols);
-        check_mul(&mul, ncols);
+        assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
+        assert!(lhs.len() >= (rows - 1) * ls + kr && w.len() >= kr * ncols);
+        assert!(acc.len() >= rows * ncols);
         let tab = scaled_table(fmt);
-        let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        let (l, wp, a) = (lhs.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
         macro_rules! go {
             ($e5:literal) => {
                 match rows {
-                    1 => kn::<$e5, 1, 4, 2>(l, k, wp, ws, ncols, o, os, &mul, tab),
-                    2 => kn::<$e5, 2, 2, 1>(l, k, wp, ws, ncols, o, os, &mul, tab),
-                    3 => kn::<$e5, 3, 1, 0>(l, k, wp, ws, ncols, o, os, &mul, tab),
-                    _ => kn::<$e5, 4, 1, 0>(l, k, wp, ws, ncols, o, os, &mul, tab),
+                    1 => kn_rows_impl::<$e5, 1>(l, ls, kr, wp, ncols, a, tab),
+                    2 => kn_rows_impl::<$e5, 2>(l, ls, kr, wp, ncols, a, tab),
+                    3 => kn_rows_impl::<$e5, 3>(l, ls, kr, wp, ncols, a, tab),
+                    _ => kn_rows_impl::<$e5, 4>(l, ls, kr, wp, ncols, a, tab),
                 }
             };
         }
-        // SAFETY: the token proves AVX2/FMA/F16C; the asserts above bound every access `kn`
-        // makes: lhs `r*k + kk`, weights `kk*ws + c` with `c < ncols`, out `r*os + c`, scales
-        // `c < ncols`.
-        unsafe {
+        // SAFETY: the token proves AVX2/FMA/F16C; the asserts above bound every access
+        // `kn_rows_impl` makes: lhs `r*ls + kk`, weights `kk*ncols + c`, acc `r*ncols + c`, for
+        // `r < rows`, `kk < kr`, `c < ncols`.
+        let exact = unsafe {
             match fmt {
                 Format::E4m3fn => go!(false),
                 Format::E5m2 => go!(true),
             }
+        };
+        if !exact {
+            // e4m3fn NaN codes, which the fast conversion does not decode: redo it exactly.
+            super::scalar::kn_rows(tab, lhs, ls, rows, kr, w, ncols, acc);
         }
     }
 
@@ -268,8 +267,8 @@ impl Avx2 {
     }
 }
 
-/// Rows ahead a KN GEMV prefetches.
-const KN_PREFETCH_ROWS: usize = 16;
+/// Bytes ahead a KN GEMV prefetches in each of the two rows it reads.
+const KN_PREFETCH_BYTES: usize = 4096;
 /// Bytes ahead an NK GEMV prefetches.
 const NK_PREFETCH_BYTES: usize = 4096;
 
@@ -298,98 +297,111 @@ unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
     )
 }
 
-/// Multipliers of columns `c..c+8`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn mul8(mul: &Mul, c: usize) -> __m256 {
-    match mul.per {
-        Some(s) => _mm256_mul_ps(_mm256_loadu_ps(s.as_ptr().add(c)), _mm256_set1_ps(mul.unit)),
-        None => _mm256_set1_ps(mul.tensor),
-    }
-}
-
+/// The body of `Avx2::kn_rows`: two weight rows per pass (each accumulator is loaded and
+/// stored once per two rows), 32 columns per step with `cvt32`, the last columns exactly with
+/// `cvt16` and the table. Each weight row is read front to back, so the slab streams from
+/// memory in order. Returns false if it met e4m3fn NaN codes (then `acc` is not valid).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kn<const E5: bool, const R: usize, const H: usize, const G: usize>(
+unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
     lhs: *const f32,
-    k: usize,
+    ls: usize,
+    kr: usize,
     w: *const u8,
-    ws: usize,
     ncols: usize,
-    out: *mut f32,
-    os: usize,
-    mul: &Mul,
+    acc: *mut f32,
     tab: &[f32; 256],
-) {
-    let mut c = 0;
-    if G > 0 {
-        while c + 32 * G <= ncols {
-            if !kn_fast::<E5, R, G>(lhs, k, w.add(c), ws, out.add(c), os, mul, c) {
-                // NaN codes in this block: redo it with the exact conversion.
-                for c in (c..c + 32 * G).step_by(16) {
-                    kn_block::<E5, R, 1>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
+) -> bool {
+    for i in 0..R * ncols {
+        *acc.add(i) = 0.0;
+    }
+    let c32 = ncols - ncols % 32;
+    let mut nan = _mm256_setzero_si256();
+    let mut kk = 0;
+    while kk + 2 <= kr {
+        let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        for (r, a) in a.iter_mut().enumerate() {
+            *a = [
+                _mm256_set1_ps(*lhs.add(r * ls + kk)),
+                _mm256_set1_ps(*lhs.add(r * ls + kk + 1)),
+            ];
+        }
+        let mut c = 0;
+        while c < c32 {
+            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(c + KN_PREFETCH_BYTES) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p1.wrapping_add(c + KN_PREFETCH_BYTES) as *const i8);
+            let b0 = _mm256_loadu_si256(p0.add(c) as *const __m256i);
+            let b1 = _mm256_loadu_si256(p1.add(c) as *const __m256i);
+            if !E5 {
+                nan = nan_codes(nan_codes(nan, b0), b1);
+            }
+            let (v0, v1) = (cvt32::<E5>(b0), cvt32::<E5>(b1));
+            for (r, a) in a.iter().enumerate() {
+                for j in 0..4 {
+                    let q = acc.add(r * ncols + c + CVT32_ORDER[j]);
+                    let s = _mm256_fmadd_ps(a[0], v0[j], _mm256_loadu_ps(q));
+                    _mm256_storeu_ps(q, _mm256_fmadd_ps(a[1], v1[j], s));
                 }
             }
-            c += 32 * G;
+            c += 32;
         }
+        kn_row_tail::<E5, R>(lhs.add(kk), ls, p0, c32, ncols, acc, tab);
+        kn_row_tail::<E5, R>(lhs.add(kk + 1), ls, p1, c32, ncols, acc, tab);
+        kk += 2;
     }
-    while c + 16 * H <= ncols {
-        kn_block::<E5, R, H>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
-        c += 16 * H;
+    if kk < kr {
+        let p = w.add(kk * ncols);
+        let mut c = 0;
+        while c < c32 {
+            let b = _mm256_loadu_si256(p.add(c) as *const __m256i);
+            if !E5 {
+                nan = nan_codes(nan, b);
+            }
+            let v = cvt32::<E5>(b);
+            for r in 0..R {
+                let a = _mm256_set1_ps(*lhs.add(r * ls + kk));
+                for (j, &v) in v.iter().enumerate() {
+                    let q = acc.add(r * ncols + c + CVT32_ORDER[j]);
+                    _mm256_storeu_ps(q, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(q)));
+                }
+            }
+            c += 32;
+        }
+        kn_row_tail::<E5, R>(lhs.add(kk), ls, p, c32, ncols, acc, tab);
     }
+    E5 || _mm256_testz_si256(nan, nan) == 1
+}
+
+/// Columns `from..ncols` of one weight row `p` (times `lhs[r*ls]` for each row r) into `acc`,
+/// with the exact conversions: 16 at a time with `cvt16`, then one by one with the table.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kn_row_tail<const E5: bool, const R: usize>(
+    lhs: *const f32,
+    ls: usize,
+    p: *const u8,
+    from: usize,
+    ncols: usize,
+    acc: *mut f32,
+    tab: &[f32; 256],
+) {
+    let mut c = from;
     while c + 16 <= ncols {
-        kn_block::<E5, R, 1>(lhs, k, w.add(c), ws, out.add(c), os, mul, c);
+        let (lo, hi) = cvt16::<E5>(p.add(c));
+        for r in 0..R {
+            let a = _mm256_set1_ps(*lhs.add(r * ls));
+            for (h, v) in [(0, lo), (8, hi)] {
+                let q = acc.add(r * ncols + c + h);
+                _mm256_storeu_ps(q, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(q)));
+            }
+        }
         c += 16;
     }
     for c in c..ncols {
+        let v = tab[*p.add(c) as usize];
         for r in 0..R {
-            let mut s = 0.0f32;
-            for kk in 0..k {
-                s += *lhs.add(r * k + kk) * tab[*w.add(kk * ws + c) as usize];
-            }
-            *out.add(r * os + c) = s * mul.at(c);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn kn_block<const E5: bool, const R: usize, const H: usize>(
-    lhs: *const f32,
-    k: usize,
-    w: *const u8,
-    ws: usize,
-    out: *mut f32,
-    os: usize,
-    mul: &Mul,
-    c: usize,
-) {
-    let mut acc = [[[_mm256_setzero_ps(); 2]; H]; R];
-    let mut p = w;
-    for kk in 0..k {
-        // Hardware prefetchers do not follow this strided walk well.
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(KN_PREFETCH_ROWS * ws) as *const i8);
-        let mut v = [[_mm256_setzero_ps(); 2]; H];
-        for (h, v) in v.iter_mut().enumerate() {
-            let (lo, hi) = cvt16::<E5>(p.add(16 * h));
-            *v = [lo, hi];
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let a = _mm256_set1_ps(*lhs.add(r * k + kk));
-            for h in 0..H {
-                acc[h][0] = _mm256_fmadd_ps(a, v[h][0], acc[h][0]);
-                acc[h][1] = _mm256_fmadd_ps(a, v[h][1], acc[h][1]);
-            }
-        }
-        p = p.add(ws);
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        for (h, acc) in acc.iter().enumerate() {
-            for (half, &v) in acc.iter().enumerate() {
-                let col = 16 * h + 8 * half;
-                let m = mul8(mul, c + col);
-                _mm256_storeu_ps(out.add(r * os + col), _mm256_mul_ps(v, m));
-            }
+            *acc.add(r * ncols + c) += *lhs.add(r * ls) * v;
         }
     }
 }
@@ -506,58 +518,6 @@ unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
 unsafe fn nan_codes(acc: __m256i, b: __m256i) -> __m256i {
     let m = _mm256_set1_epi8(0x7F);
     _mm256_or_si256(acc, _mm256_cmpeq_epi8(_mm256_and_si256(b, m), m))
-}
-
-/// KN block of `32 * G` columns with `cvt32`. Returns false (nothing written) if the block
-/// holds e4m3fn NaN codes.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn kn_fast<const E5: bool, const R: usize, const G: usize>(
-    lhs: *const f32,
-    k: usize,
-    w: *const u8,
-    ws: usize,
-    out: *mut f32,
-    os: usize,
-    mul: &Mul,
-    c: usize,
-) -> bool {
-    let mut acc = [[[_mm256_setzero_ps(); 4]; G]; R];
-    let mut nan = _mm256_setzero_si256();
-    let mut p = w;
-    for kk in 0..k {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(KN_PREFETCH_ROWS * ws) as *const i8);
-        let mut v = [[_mm256_setzero_ps(); 4]; G];
-        for (g, v) in v.iter_mut().enumerate() {
-            let b = _mm256_loadu_si256(p.add(32 * g) as *const __m256i);
-            if !E5 {
-                nan = nan_codes(nan, b);
-            }
-            *v = cvt32::<E5>(b);
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let a = _mm256_set1_ps(*lhs.add(r * k + kk));
-            for g in 0..G {
-                for j in 0..4 {
-                    acc[g][j] = _mm256_fmadd_ps(a, v[g][j], acc[g][j]);
-                }
-            }
-        }
-        p = p.add(ws);
-    }
-    if !E5 && _mm256_testz_si256(nan, nan) == 0 {
-        return false;
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        for (g, acc) in acc.iter().enumerate() {
-            for (j, &v) in acc.iter().enumerate() {
-                let col = 32 * g + CVT32_ORDER[j];
-                let m = mul8(mul, c + col);
-                _mm256_storeu_ps(out.add(r * os + col), _mm256_mul_ps(v, m));
-            }
-        }
-    }
-    true
 }
 
 /// NK block of `C` columns with `cvt32` over the depths that are a multiple of 32. Returns

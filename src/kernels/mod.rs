@@ -26,6 +26,7 @@ use crate::fp8::{decode, Format};
 use crate::parallel::{split_range, Parallel};
 use once_cell::sync::Lazy;
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// How the decoded weights are scaled.
@@ -203,13 +204,6 @@ impl<'a> Mul<'a> {
             None => self.tensor,
         }
     }
-    /// The factors of columns `from..`.
-    fn skip(&self, from: usize) -> Mul<'a> {
-        Mul {
-            per: self.per.map(|s| &s[from..]),
-            ..*self
-        }
-    }
 }
 
 struct Problem<'a> {
@@ -256,21 +250,32 @@ struct ColTask {
     c1: usize,
 }
 
-fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
-    let (m, n, k) = (p.m, p.n, p.k);
-    let bytes = p.w.len();
-    let max_tasks = (bytes / GEMV_MIN_TASK_BYTES).max(1);
+/// How many GEMV tasks `bytes` of weights are worth on `par` for `m` rows.
+fn gemv_tasks(par: &dyn Parallel, bytes: usize, m: usize) -> usize {
     let workers = par.workers();
-    let want = if workers > 1 && bytes * m >= GEMV_MIN_PARALLEL_BYTES {
-        (workers * 4).min(max_tasks)
+    if workers > 1 && bytes * m >= GEMV_MIN_PARALLEL_BYTES {
+        (workers * 4).min((bytes / GEMV_MIN_TASK_BYTES).max(1))
     } else {
         1
-    };
+    }
+}
+
+fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
+    if p.inner == 1 {
+        gemv_nk_columns(p, par, out)
+    } else {
+        gemv_kn_slabs(p, par, out)
+    }
+}
+
+/// NK weights: each task takes a range of output columns, i.e. of contiguous weight rows.
+fn gemv_nk_columns(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let want = gemv_tasks(par, p.w.len(), m);
     let per_batch = want.div_ceil(p.batch).max(1);
-    let align = if p.inner == 1 { 8 } else { 64 };
     let mut tasks = Vec::new();
     for b in 0..p.batch {
-        for r in split_range(n, per_batch, align) {
+        for r in split_range(n, per_batch, 8) {
             tasks.push(ColTask {
                 b,
                 c0: r.start,
@@ -283,42 +288,18 @@ fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
         let lhs = &p.lhs[t.b * m * k..(t.b + 1) * m * k];
         let wb = p.weights(t.b);
         let mul = p.mul(t.b, t.c0);
-        if p.inner == 1 {
-            gemv_nk(
-                p.bk,
-                p.fmt,
-                lhs,
-                m,
-                k,
-                &wb[t.c0 * k..t.c1 * k],
-                os,
-                dst,
-                os,
-                mul,
-            );
-        } else {
-            let mut c = t.c0;
-            while c < t.c1 {
-                let (o, i0) = (c / p.inner, c % p.inner);
-                let cols = (p.inner - i0).min(t.c1 - c);
-                let start = o * k * p.inner + i0;
-                let end = start + (k - 1) * p.inner + cols;
-                gemv_kn(
-                    p.bk,
-                    p.fmt,
-                    lhs,
-                    m,
-                    k,
-                    &wb[start..end],
-                    p.inner,
-                    cols,
-                    &mut dst[c - t.c0..],
-                    os,
-                    mul.skip(c - t.c0),
-                );
-                c += cols;
-            }
-        }
+        gemv_nk(
+            p.bk,
+            p.fmt,
+            lhs,
+            m,
+            k,
+            &wb[t.c0 * k..t.c1 * k],
+            os,
+            dst,
+            os,
+            mul,
+        );
     };
     if m == 1 {
         // Each task writes a contiguous piece of `out`.
@@ -353,27 +334,54 @@ fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
     }
 }
 
-/// KN GEMV: `out[r*os + c] = mul(c) * sum_kk lhs[r*k + kk] * w[kk*ws + c]` for `r < rows`,
-/// `c < ncols`.
-#[allow(clippy::too_many_arguments)]
-fn gemv_kn(
-    bk: Backend,
-    fmt: Format,
-    lhs: &[f32],
-    rows: usize,
-    k: usize,
-    w: &[u8],
-    ws: usize,
-    ncols: usize,
-    out: &mut [f32],
-    os: usize,
-    mul: Mul,
-) {
-    assert!(lhs.len() >= rows * k && w.len() >= (k - 1) * ws + ncols && ncols <= ws);
-    assert!(out.len() >= (rows - 1) * os + ncols);
-    match bk {
-        Backend::Scalar => scalar::gemv_kn(table(fmt), lhs, rows, k, w, ws, ncols, out, os, mul),
-        Backend::Avx2(t) => t.gemv_kn(fmt, lhs, rows, k, w, ws, ncols, out, os, mul),
+/// KN weights (`[batch, outer, k, inner]` with `inner > 1`): every `(b, o)` slab is `k` rows
+/// of `inner` output columns. Tasks take row ranges of a slab, so each streams one contiguous
+/// piece of memory front to back, and their partial sums are added up at the end. (Walking
+/// column blocks down the rows instead reads one cache line per row at a stride of `inner`
+/// bytes, which the memory system serves at about a third of the speed: 1.2-2.0 against
+/// 4.7-5.6 GB/s on one core, measured from DRAM on Gemma3-270M's shapes.)
+fn gemv_kn_slabs(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
+    let (m, n, k, inner) = (p.m, p.n, p.k, p.inner);
+    let slabs = p.batch * p.outer;
+    let chunks = gemv_tasks(par, p.w.len(), m).div_ceil(slabs).clamp(1, k);
+    let ranges = split_range(k, chunks, 1);
+    let tasks: Vec<(usize, Range<usize>)> = (0..slabs)
+        .flat_map(|s| ranges.iter().map(move |r| (s, r.clone())))
+        .collect();
+    let partials: Vec<Mutex<Vec<f32>>> = tasks.iter().map(|_| Mutex::new(Vec::new())).collect();
+    par.run(tasks.len(), &|i| {
+        let (s, ref kr) = tasks[i];
+        let b = s / p.outer;
+        let lhs = &p.lhs[b * m * k + kr.start..(b + 1) * m * k];
+        let w = &p.w[(s * k + kr.start) * inner..(s * k + kr.end) * inner];
+        let mut acc = vec![0.0f32; m * inner];
+        match p.bk {
+            Backend::Scalar => {
+                scalar::kn_rows(table(p.fmt), lhs, k, m, kr.len(), w, inner, &mut acc)
+            }
+            Backend::Avx2(t) => t.kn_rows(p.fmt, lhs, k, m, kr.len(), w, inner, &mut acc),
+        }
+        *partials[i].lock().unwrap_or_else(|e| e.into_inner()) = acc;
+    });
+    let partials: Vec<Vec<f32>> = partials
+        .into_iter()
+        .map(|x| x.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    for (s, parts) in partials.chunks(ranges.len()).enumerate() {
+        let (b, o) = (s / p.outer, s % p.outer);
+        let mul = p.mul(b, o * inner);
+        for r in 0..m {
+            let dst = &mut out[(b * m + r) * n + o * inner..][..inner];
+            dst.copy_from_slice(&parts[0][r * inner..(r + 1) * inner]);
+            for part in &parts[1..] {
+                for (d, x) in dst.iter_mut().zip(&part[r * inner..(r + 1) * inner]) {
+                    *d += x;
+                }
+            }
+            for (c, d) in dst.iter_mut().enumerate() {
+                *d *= mul.at(c);
+            }
+        }
     }
 }
 

@@ -1,31 +1,27 @@
 //! Portable kernels: table decode, plain loops. Bounds are checked by the callers.
 use super::{Mul, NR};
 
+/// `acc[r*ncols + c] = sum_kk lhs[r*ls + kk] * tab[w[kk*ncols + c]]` for `kk < kr`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemv_kn(
+pub(super) fn kn_rows(
     tab: &[f32; 256],
     lhs: &[f32],
+    ls: usize,
     rows: usize,
-    k: usize,
+    kr: usize,
     w: &[u8],
-    ws: usize,
     ncols: usize,
-    out: &mut [f32],
-    os: usize,
-    mul: Mul,
+    acc: &mut [f32],
 ) {
     for r in 0..rows {
-        let acc = &mut out[r * os..r * os + ncols];
+        let acc = &mut acc[r * ncols..(r + 1) * ncols];
         acc.fill(0.0);
-        for kk in 0..k {
-            let a = lhs[r * k + kk];
-            let row = &w[kk * ws..kk * ws + ncols];
+        for kk in 0..kr {
+            let a = lhs[r * ls + kk];
+            let row = &w[kk * ncols..(kk + 1) * ncols];
             for (o, &q) in acc.iter_mut().zip(row) {
                 *o += a * tab[q as usize];
             }
-        }
-        for (c, o) in acc.iter_mut().enumerate() {
-            *o *= mul.at(c);
         }
     }
 }
