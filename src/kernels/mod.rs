@@ -3,8 +3,10 @@
 //! `out = lhs · (f32(decode(w)) · scale)` with f32 accumulation, for FP8 weights stored as
 //! `[batch, outer, k, inner]`. Two strategies, picked by the number of lhs rows:
 //!
-//! * GEMV (`m <= GEMV_MAX_M`): the weights are streamed once, converted in registers and
-//!   multiplied against all lhs rows at once. The output columns are split across tasks.
+//! * GEMV (`m <= GEMV_MAX_M`): the weights are streamed once, front to back, converted in
+//!   registers and multiplied against all lhs rows at once. NK weights: tasks split the output
+//!   columns. KN weights: tasks split the rows of each `[k, inner]` slab and their partial
+//!   sums are added at the end.
 //! * GEMM (larger `m`): weight panels are converted to f32 into a small packed buffer (per
 //!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own column
 //!   ranges of the output (so every weight is converted once), and also row ranges when there
