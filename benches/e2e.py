@@ -29,6 +29,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,20 +161,18 @@ def run_worker(phase, contender, settings, work, report, timeout):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True,
                                 errors="replace", env=env)
-        deadline = t0 + timeout
-        for line in proc.stderr:
-            if line.startswith(PROGRESS_PREFIX):
-                report(f"{phase}: {line[len(PROGRESS_PREFIX):].rstrip()}")
-            else:
-                log.write(line)
-            if time.perf_counter() > deadline:
-                proc.kill()
-                break
+        # a worker that hangs silently would block the loop below: kill it at the deadline
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
         try:
-            code = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            for line in proc.stderr:
+                if line.startswith(PROGRESS_PREFIX):
+                    report(f"{phase}: {line[len(PROGRESS_PREFIX):].rstrip()}")
+                else:
+                    log.write(line)
             code = proc.wait()
+        finally:
+            watchdog.cancel()
     seconds = time.perf_counter() - t0
     if result_path.is_file():
         result = json.loads(result_path.read_text())
@@ -342,14 +341,11 @@ def main(argv=None) -> int:
     results["load_average"]["end"] = list(os.getloadavg())
     results["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     results["wall_seconds"] = (datetime.datetime.now().astimezone() - started).total_seconds()
-    e2e_report.write_json(results, out / "results.json")
-    md = e2e_report.markdown(results)
-    (out / "results.md").write_text(md)
-    e2e_report.write_chart(results, out / "results.png")
+    e2e_report.write_all(results, out)
     if not args.keep_work:
         for c in args.contenders:
             shutil.rmtree(work_root / c.key / "preset", ignore_errors=True)
-    print(md)
+    print(e2e_report.markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
           f"(logs in {work_root})", file=sys.stderr)
     return 1 if any(c["status"] == "failed" for c in results["contenders"]) else 0

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 #: What installs the optional Intel Neural Compressor contender.
-INC_INSTALL_HINT = "pip install -r python_shim/requirements-inc.txt (or pip install 'fp8xla[inc]')"
+INC_INSTALL_HINT = "pip install -r python_shim/requirements-inc.txt, or pip install 'fp8xla[inc]'"
 
 
 @dataclass(frozen=True)

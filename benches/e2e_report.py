@@ -17,6 +17,16 @@ TARGETS = [
 ]
 
 
+def write_all(results: dict, out) -> None:
+    """results.json, results.md and results.png in the directory ``out``."""
+    from pathlib import Path
+
+    out = Path(out)
+    write_json(results, out / "results.json")
+    (out / "results.md").write_text(markdown(results))
+    write_chart(results, out / "results.png")
+
+
 def write_json(results: dict, path) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2, default=str)
@@ -95,11 +105,16 @@ def _pct(v):
 
 
 def _load(c):
+    """1-minute load average before → after the contender, and the share of all cores that
+    other processes used meanwhile."""
     la = c.get("load_average") or {}
     before, after = la.get("before"), la.get("after")
     if not before or not after:
         return "–"
-    return f"{before[0]:.1f} → {after[0]:.1f}"
+    text = f"{before[0]:.1f} → {after[0]:.1f}"
+    if c.get("other_cpu") is not None:
+        text += f", others {100 * c['other_cpu']:.0f} %"
+    return text
 
 
 def table(results: dict) -> str:
@@ -107,7 +122,7 @@ def table(results: dict) -> str:
     rows = [
         "| contender | prefill tokens/s | decode tokens/s | peak RSS MiB | RSS after generate "
         "MiB | vs float32: prefill / decode / peak RSS | GPL-3 perplexity | top-1 agreement | "
-        "load avg (1 min) | status |",
+        "load avg (1 min), others' CPU | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["contenders"]:
@@ -151,7 +166,9 @@ def markdown(results: dict) -> str:
         f"{m.get('fp8xla_kernels', '?')}. XLA_FLAGS={m.get('xla_flags') or '(unset)'}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".",
         f"Load average (1/5/15 min) at start {_triple(la.get('start'))}, at end "
-        f"{_triple(la.get('end'))}.",
+        f"{_triple(la.get('end'))}. The benchmark itself keeps up to "
+        f"{m['cores']} cores busy; the others' CPU column is the share of all cores that other "
+        "processes used while a contender ran.",
         "",
         f"Prefill: forward pass over {s['ppl_chunk_tokens'] + 1} tokens (logits for every "
         f"position), timed on each of the {s['ppl_chunks']} GPL-3 chunks, median and min–max. "
@@ -180,48 +197,63 @@ def _triple(v):
 
 
 def write_chart(results: dict, path) -> None:
-    """Prefill tokens/s, decode tokens/s and peak RSS per contender, side by side (PNG)."""
+    """Prefill tokens/s, decode tokens/s and RSS per contender, side by side (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
     cs = results["contenders"]
-    labels = [c["label"] for c in cs]
-    panels = [
-        ("prefill tokens/s", lambda c: prefill(c), "prefill_tokens_per_s", 1),
-        ("decode tokens/s", lambda c: decode(c), "decode_tokens_per_s", 1),
-        ("peak RSS, MiB (load + generate)",
-         lambda c: None if peak_rss(c) is None else peak_rss(c) / MIB, None, 1),
+    mib = lambda b: None if b is None else b / MIB  # noqa: E731
+    panels = [  # title, value, spread (min, max) or None
+        ("prefill tokens/s", prefill, lambda c: spread(c, "prefill_tokens_per_s")),
+        ("decode tokens/s", decode, lambda c: spread(c, "decode_tokens_per_s")),
+        ("RSS MiB: peak (light), after generate (solid)",
+         lambda c: mib(peak_rss(c)), None),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 0.55 * len(cs) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 0.55 * len(cs) + 1.9), sharey=True)
     ys = list(range(len(cs)))[::-1]
-    for ax, (title, get, spread_name, _) in zip(axes, panels):
+    for ax, (title, get, get_spread) in zip(axes, panels):
         values = [get(c) for c in cs]
-        top = max([v for v in values if v is not None] or [1.0])
-        for y, c, v in zip(ys, cs, values):
+        spreads = [get_spread(c) if get_spread else (None, None) for c in cs]
+        top = max([v for v in values if v is not None]
+                  + [hi for _, hi in spreads if hi is not None] or [1.0])
+        for y, c, v, (lo, hi) in zip(ys, cs, values, spreads):
             if v is None:
                 what = "not measured" if c["status"] == "ok" else c["status"]
                 ax.text(0.01 * top, y, what, va="center", fontsize=8, color="0.4")
                 continue
             color = "tab:orange" if c["key"].startswith("fp8xla") else \
                 "tab:gray" if c["key"] == "float32" else "tab:blue"
-            err = None
-            if spread_name:
-                lo, hi = spread(c, spread_name)
-                if lo is not None and hi is not None:
-                    err = [[v - lo], [hi - v]]
-            ax.barh(y, v, color=color, xerr=err, capsize=3)
-            ax.text(v + 0.02 * top, y, f"{v:.1f}" if v < 100 else f"{v:.0f}", va="center",
-                    fontsize=8)
+            err = None if lo is None or hi is None else [[v - lo], [hi - v]]
+            ax.barh(y, v, color=color, alpha=0.45 if get_spread is None else 1.0,
+                    xerr=err, capsize=3)
+            end = v if hi is None else max(v, hi)
+            ax.text(end + 0.02 * top, y, f"{v:.1f}" if v < 100 else f"{v:.0f}",
+                    va="center", fontsize=8)
+            if get_spread is None:  # the RSS panel: what stays resident, as a solid bar
+                rest = mib(rss_after_generate(c))
+                if rest is not None:
+                    ax.barh(y, rest, height=0.4, color=color)
         ax.set_title(title, fontsize=10)
         ax.set_xlim(0, top * 1.25)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys)
-    axes[0].set_yticklabels(labels, fontsize=9)
-    m = results["machine"]
-    fig.suptitle(f"{results['settings']['model']}: {m['cpu']}, {m['cores']} cores "
-                 f"(medians of {results['settings']['reps']}, bars: min–max)", fontsize=10)
+    axes[0].set_yticklabels([c["label"] for c in cs], fontsize=9)
+    m, s = results["machine"], results["settings"]
+    fig.suptitle(f"{s['model']}: {m['cpu']}, {m['cores']} cores; decode: median of "
+                 f"{s['reps']}, prefill: of {s['ppl_chunks']} chunks; bars: min–max",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-renders the Markdown and the chart of a results.json
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benches/e2e_report.py OUT/results.json")
+    src = Path(sys.argv[1])
+    write_all(json.loads(src.read_text()), src.parent)

@@ -170,7 +170,7 @@ def find_bench(repo=None):
 
 def bench(argv) -> int:
     """Runs benches/e2e.py of the checkout with the remaining arguments."""
-    import importlib.util
+    import importlib
 
     repo = None
     if "--repo" in argv:
@@ -184,10 +184,8 @@ def bench(argv) -> int:
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2
-    sys.path.insert(0, str(driver.parent))
-    spec = importlib.util.spec_from_file_location("e2e", driver)
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    sys.path.insert(0, str(driver.parent))  # e2e.py imports its sibling modules
+    e2e = importlib.import_module("e2e")
     return e2e.main(argv)
 
 

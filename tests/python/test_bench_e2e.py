@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,14 +164,16 @@ def tiny_preset(tmp_path_factory):
     return root / "preset"
 
 
-def test_quick_run_on_a_tiny_model(tiny_preset, tmp_path, monkeypatch):
-    from fp8xla import cli
-
-    monkeypatch.chdir(REPO)
+def test_quick_run_on_a_tiny_model(tiny_preset, tmp_path):
+    # The installed CLI in a fresh process, from the checkout, as the README runs it.
     out = tmp_path / "out"
-    code = cli.main(["bench", "--quick", "-m", str(tiny_preset), "--out", str(out),
-                     "--contenders", "float32,fp8xla-e4m3"])
-    assert code == 0
+    run = subprocess.run(
+        [sys.executable, "-m", "fp8xla.cli", "bench", "--quick", "-m", str(tiny_preset),
+         "--out", str(out), "--contenders", "float32,fp8xla-e4m3"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    progress = [line for line in run.stderr.splitlines() if line.startswith("[bench ")]
+    assert any("(2/2) fp8xla e4m3 w+a | measure: decode rep 1/1" in line for line in progress)
     results = json.loads((out / "results.json").read_text())
     assert [c["key"] for c in results["contenders"]] == ["float32", "fp8xla-e4m3"]
     s = results["settings"]
@@ -207,3 +210,13 @@ def test_a_contender_that_fails_is_reported(tmp_path, monkeypatch):
     assert "failed: " in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
     assert os.path.isfile(out / "work" / "float32" / "measure.log")
+
+
+def test_a_worker_past_its_timeout_is_killed_and_reported(tmp_path):
+    c = e2e_contenders.BY_KEY["float32"]
+    lines = []
+    result = e2e.run_worker("measure", c, e2e.Settings.quick(), tmp_path / "w", lines.append,
+                            timeout=0.5)  # far less than importing JAX takes
+    assert result["status"] == "failed"
+    assert result["error"].startswith("timed out after")
+    assert any("FAILED" in line for line in lines)
