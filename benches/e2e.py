@@ -208,11 +208,10 @@ def run_contender(contender, settings, work_root, report, timeout):
     work = work_root / contender.key
     entry["load_average"] = {"before": list(os.getloadavg())}
     busy0, own0, t0 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
-    if contender.prepared:
-        entry["prepare"] = run_worker("prepare", contender, settings, work, report, timeout)
-        if entry["prepare"]["status"] != "ok":
-            entry.update(status="failed",
-                         reason=f"preparation failed: {entry['prepare'].get('error')}")
+    entry["prepare"] = run_worker("prepare", contender, settings, work, report, timeout)
+    if entry["prepare"]["status"] != "ok":
+        entry.update(status="failed",
+                     reason=f"preparation failed: {entry['prepare'].get('error')}")
     if entry["status"] == "ok":
         entry["measure"] = run_worker("measure", contender, settings, work, report, timeout)
         if entry["measure"]["status"] != "ok":

@@ -3,7 +3,7 @@
 Every contender is measured as it would be deployed: a preparation process builds it from the
 float32 model and saves it as a Keras-Hub preset, and the measuring process loads that preset
 fresh, so its peak RSS holds only the deployed model, never the float32 model it was made from.
-Only float32 Keras has nothing to prepare.
+For float32 Keras, preparing only loads the model once (converting and caching it if needed).
 
 Heavy imports (JAX, Keras) happen inside the functions: the driver imports this module only
 for the names and the availability checks, the workers (benches/e2e_worker.py) for the rest.
@@ -28,8 +28,10 @@ class Contender:
     install_hint: str = ""
 
     @property
-    def prepared(self) -> bool:
-        """Whether a preparation process builds a preset before the measuring process."""
+    def has_preset(self) -> bool:
+        """Whether the preparation process saves a preset that the measuring process loads
+        (float32's preparation only makes sure the model is converted and cached, so that
+        its measured loading never includes a first-time conversion)."""
         return self.kind != "float32"
 
     def missing_requirement(self) -> str | None:

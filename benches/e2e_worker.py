@@ -4,7 +4,8 @@
     python e2e_worker.py measure CONTENDER --work DIR --settings JSON
 
 ``prepare`` loads the float32 model, quantizes it as the contender says and saves a preset in
-DIR/CONTENDER/preset. ``measure`` loads the contender fresh (the preset, or the float32 model)
+DIR/CONTENDER/preset (for float32 itself it only loads it, which converts and caches the
+default model on a fresh machine, outside the measured process). ``measure`` loads the contender fresh (the preset, or the float32 model)
 and measures, in this order (peak RSS is read for each phase: loading, generating, scoring):
 
 1. decode: Keras-Hub's ``generate`` on a [1, P + N] batch. Its generate step first runs the
@@ -240,7 +241,7 @@ def measure(contender, s, work) -> dict:
     reset_peak()
     mem = {"baseline": memory()}
     out = {"memory": mem, "isa": fp8xla.isa()}
-    preset = os.path.join(work, "preset") if contender.prepared else None
+    preset = os.path.join(work, "preset") if contender.has_preset else None
     with Step("load") as st:
         model = e2e_contenders.load(contender, s["model"], preset)
     out["load_seconds"] = st.seconds
@@ -262,6 +263,8 @@ def prepare(contender, s, work) -> dict:
 
     with Step("load the float32 model"):
         model = models.load_model(s["model"], progress=False)
+    if not contender.has_preset:
+        return {}
     with Step("quantize and save the preset"):
         notes = e2e_contenders.prepare(contender, model, os.path.join(work, "preset"),
                                        s["calib_max_length"])

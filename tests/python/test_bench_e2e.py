@@ -209,7 +209,8 @@ def test_a_contender_that_fails_is_reported(tmp_path, monkeypatch):
     assert c["status"] == "failed" and "no-such-preset" in c["reason"]
     assert "failed: " in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
-    assert os.path.isfile(out / "work" / "float32" / "measure.log")
+    assert "preparation failed" in c["reason"]  # float32's preparation loads the model
+    assert os.path.isfile(out / "work" / "float32" / "prepare.log")
 
 
 def test_a_worker_past_its_timeout_is_killed_and_reported(tmp_path):
