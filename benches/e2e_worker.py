@@ -5,8 +5,9 @@
 
 ``prepare`` loads the float32 model, quantizes it as the contender says and saves a preset in
 DIR/CONTENDER/preset (for float32 itself it only loads it, which converts and caches the
-default model on a fresh machine, outside the measured process). ``measure`` loads the contender fresh (the preset, or the float32 model)
-and measures, in this order (peak RSS is read for each phase: loading, generating, scoring):
+default model on a fresh machine, outside the measured process). ``measure`` loads the
+contender fresh (the preset, or the float32 model) and measures, in this order (peak RSS is
+read for each phase: loading, generating, scoring):
 
 1. decode: Keras-Hub's ``generate`` on a [1, P + N] batch. Its generate step first runs the
    model over the whole padded [1, P + N] sequence to fill the KV cache, then loops one token
