@@ -4,6 +4,7 @@
     fp8xla quantize -m MODEL -q OUT -p fp8_e4m3 calibrate, quantize, save an FP8 preset
     fp8xla generate -m PATH "prompt"            generate with a saved (FP8 or float) model
     fp8xla matmuls                              FP8 vs float32 matmuls at Gemma3-270M shapes
+    fp8xla bench [--quick] [--contenders ...]   end-to-end benchmark (run from the checkout)
 """
 from __future__ import annotations
 
@@ -148,7 +149,50 @@ def matmuls(args) -> int:
     return 0
 
 
+def find_bench(repo=None):
+    """Path of the end-to-end benchmark driver, benches/e2e.py of the fp8xla checkout.
+
+    The benchmark is part of the repository, not of the installed package (it compares
+    fp8xla with other packages and writes reports), so the CLI looks for it in ``repo`` or
+    else in the current directory and its parents."""
+    from pathlib import Path
+
+    starts = [Path(repo)] if repo else [Path.cwd(), *Path.cwd().parents]
+    for root in starts:
+        driver = root / "benches" / "e2e.py"
+        if driver.is_file() and (root / "python_shim" / "fp8xla").is_dir():
+            return driver
+    where = f"in {repo}" if repo else f"in {Path.cwd()} or its parents"
+    raise FileNotFoundError(
+        f"fp8xla bench: no fp8xla checkout (benches/e2e.py next to python_shim/fp8xla) found "
+        f"{where}; run it from the repository or pass --repo PATH")
+
+
+def bench(argv) -> int:
+    """Runs benches/e2e.py of the checkout with the remaining arguments."""
+    import importlib
+
+    repo = None
+    if "--repo" in argv:
+        i = argv.index("--repo")
+        if i + 1 >= len(argv):
+            print("fp8xla bench: --repo needs a path", file=sys.stderr)
+            return 2
+        repo, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    try:
+        driver = find_bench(repo)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(driver.parent))  # e2e.py imports its sibling modules
+    e2e = importlib.import_module("e2e")
+    return e2e.main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # its options belong to benches/e2e.py
+        return bench(argv[1:])
     p = argparse.ArgumentParser(prog="fp8xla", description="True FP8 inference on x86 CPUs")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="quantize the default Gemma3 270M to FP8 and generate")
@@ -175,6 +219,10 @@ def main(argv=None) -> int:
     mm.add_argument("--reps", type=int, default=5, help="repetitions (median is reported)")
     mm.add_argument("--json", help="also write the measurements to this JSON file")
     mm.set_defaults(func=matmuls)
+    sub.add_parser("bench", add_help=False,
+                   help="end-to-end benchmark: float32 Keras, fp8xla FP8, INC FP8, Keras int8 "
+                        "(tokens/s, memory, perplexity); run from the checkout, see "
+                        "fp8xla bench --help; --repo PATH names the checkout")
     args = p.parse_args(argv)
     return args.func(args)
 

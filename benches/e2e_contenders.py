@@ -1,0 +1,130 @@
+"""The contenders of the end-to-end benchmark (benches/e2e.py) and how each is built and loaded.
+
+Every contender is measured as it would be deployed: a preparation process builds it from the
+float32 model and saves it as a Keras-Hub preset, and the measuring process loads that preset
+fresh, so its peak RSS holds only the deployed model, never the float32 model it was made from.
+For float32 Keras, preparing only loads the model once (converting and caching it if needed).
+
+Heavy imports (JAX, Keras) happen inside the functions: the driver imports this module only
+for the names and the availability checks, the workers (benches/e2e_worker.py) for the rest.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+#: What installs the optional Intel Neural Compressor contender.
+INC_INSTALL_HINT = "pip install -r python_shim/requirements-inc.txt, or pip install 'fp8xla[inc]'"
+
+
+@dataclass(frozen=True)
+class Contender:
+    key: str
+    label: str
+    kind: str  # "float32" | "fp8xla" | "keras-int8" | "inc"
+    config: dict = field(default_factory=dict)  # quantization settings of the kind
+    requires: str | None = None  # a module that must be importable, else the contender is skipped
+    install_hint: str = ""
+
+    @property
+    def has_preset(self) -> bool:
+        """Whether the preparation process saves a preset that the measuring process loads
+        (float32's preparation only makes sure the model is converted and cached, so that
+        its measured loading never includes a first-time conversion)."""
+        return self.kind != "float32"
+
+    def missing_requirement(self) -> str | None:
+        """Why this contender cannot run in this Python environment, or None."""
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} is not installed ({self.install_hint})"
+        return None
+
+
+CONTENDERS = [
+    Contender("float32", "float32 Keras (XLA)", "float32"),
+    Contender("fp8xla-e4m3", "fp8xla e4m3 w+a", "fp8xla",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3"}),
+    Contender("fp8xla-e4m3-wonly", "fp8xla e4m3 weight-only", "fp8xla",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": None}),
+    Contender("fp8xla-e5m2", "fp8xla e5m2 w+a", "fp8xla",
+              {"weight_dtype": "fp8_e5m2", "activation_dtype": "fp8_e5m2"}),
+    # INC's JAX StaticQuantConfig defaults: e4m3fn weights (per tensor) and activations.
+    Contender("inc-fp8", "INC FP8 e4m3 w+a", "inc",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3"},
+              requires="neural_compressor", install_hint=INC_INSTALL_HINT),
+    Contender("keras-int8", "Keras int8 (model.quantize)", "keras-int8"),
+]
+
+BY_KEY = {c.key: c for c in CONTENDERS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (in the preparation process)
+
+
+def calibration_function(max_length: int, prompts=None):
+    """Generates on fp8xla's calibration prompts (the CLI's), as INC's Gemma3 example does."""
+    from fp8xla.cli import CALIBRATION_PROMPTS
+
+    prompts = CALIBRATION_PROMPTS if prompts is None else prompts
+
+    def calib(model):
+        for p in prompts:
+            model.generate(p, max_length=max_length)
+
+    return calib
+
+
+def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int) -> dict:
+    """Quantizes the float32 ``model`` as ``contender`` says and saves it to ``preset_dir``.
+    Returns notes for the results (what was done, how long quantizing took)."""
+    import time
+
+    calib = calibration_function(calib_max_length)
+    t0 = time.perf_counter()
+    if contender.kind == "fp8xla":
+        from fp8xla.keras import StaticQuantConfig, quantize_model
+
+        config = StaticQuantConfig(**contender.config)
+        model = quantize_model(model, config, calib if config.activation_dtype else None)
+    elif contender.kind == "keras-int8":
+        model.quantize("int8")
+    elif contender.kind == "inc":
+        from neural_compressor.jax import StaticQuantConfig, quantize_model
+
+        model = quantize_model(model, StaticQuantConfig(**contender.config), calib)
+    else:
+        raise ValueError(f"contender {contender.key} has nothing to prepare")
+    quantize_seconds = time.perf_counter() - t0
+    model.save_to_preset(preset_dir)
+    return {"quantize_seconds": quantize_seconds, "preset_bytes": _dir_bytes(preset_dir)}
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading (in the measuring process)
+
+
+def load(contender: Contender, model_name: str, preset_dir: str | None):
+    """The deployed contender: the float32 model, or the preset its preparation saved."""
+    from fp8xla import models
+
+    if contender.kind == "float32":
+        return models.load_model(model_name, progress=False)
+    if contender.kind == "fp8xla":
+        from fp8xla import keras as fk
+
+        return fk.load(preset_dir)
+    if contender.kind == "keras-int8":
+        # Keras-Hub rebuilds the layers with the int8 dtype policy saved in the preset and
+        # loads the int8 kernels into them: no float32 copy of the quantized weights.
+        return models.Gemma3CausalLM.from_preset(preset_dir)
+    if contender.kind == "inc":
+        import neural_compressor.jax  # noqa: F401  (registers INC's Keras classes)
+
+        return models.Gemma3CausalLM.from_preset(preset_dir)
+    raise ValueError(f"unknown contender kind {contender.kind!r}")

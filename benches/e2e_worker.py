@@ -1,0 +1,302 @@
+"""One contender of the end-to-end benchmark, in a process of its own (started by e2e.py).
+
+    python e2e_worker.py prepare CONTENDER --work DIR --settings JSON
+    python e2e_worker.py measure CONTENDER --work DIR --settings JSON
+
+``prepare`` loads the float32 model, quantizes it as the contender says and saves a preset in
+DIR/CONTENDER/preset (for float32 itself it only loads it, which converts and caches the
+default model on a fresh machine, outside the measured process). ``measure`` loads the
+contender fresh (the preset, or the float32 model) and measures, in this order (peak RSS is
+read for each phase: loading, generating, scoring):
+
+1. decode: Keras-Hub's ``generate`` on a [1, P + N] batch. Its generate step first runs the
+   model over the whole padded [1, P + N] sequence to fill the KV cache, then loops one token
+   at a time from the end of the prompt. Two runs of the same compiled function differ only in
+   the loop: a prompt of P tokens (N decode steps) and a prompt that fills all P + N positions
+   (no decode step). Decode tokens/s = N / (t(P prompt) - t(full prompt)); the cache fill,
+   the set-up and the copy of the results cancel out. stop_token_ids=None, so generation never
+   stops early.
+2. prefill and quality: the GPL-3 protocol of fp8xla.perplexity, whose every chunk is one
+   forward pass over [1, C + 1] tokens (logits for every position, see ``forward_fn``); each
+   of those calls is a timed prefill, tokens/s = (C + 1) / time. The predictions are saved for
+   the top-1 agreement, which the driver computes against float32.
+
+Every shape runs once untimed first (that call compiles): compile time is never timed.
+Decode gets ``reps`` timed repetitions, prefill one timed call per GPL-3 chunk.
+Progress lines for the driver start with ``@@progress``; everything else the libraries print
+goes to the driver's log. The results go to DIR/CONTENDER/<phase>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import e2e_contenders  # noqa: E402
+
+PROGRESS_PREFIX = "@@progress "
+
+
+def progress(msg: str) -> None:
+    print(PROGRESS_PREFIX + msg, file=sys.stderr, flush=True)
+
+
+class Step:
+    """Reports a step's start and its duration as progress lines."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        progress(f"{self.what} ...")
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.seconds = time.perf_counter() - self.t0
+        if exc_type is None:
+            progress(f"{self.what}: {self.seconds:.1f} s")
+        return False
+
+
+def memory() -> dict:
+    """Resident set size of this process now and its peak since the last ``reset_peak()``
+    (bytes); ``peak_reset`` says whether resetting works here, else the peak is the process's."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, kib = line.split()[:2]
+                    out["rss" if name == "VmRSS:" else "peak"] = int(kib) * 1024
+    except OSError:  # no procfs: ru_maxrss (KiB on Linux) is the process's peak
+        out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_reset"] = _PEAK_RESET
+    return out
+
+
+_PEAK_RESET = False
+
+
+def reset_peak() -> None:
+    """Starts a new peak-RSS window: Linux resets VmHWM to the current RSS on "5" written to
+    /proc/self/clear_refs. Each phase then gets its own peak."""
+    global _PEAK_RESET
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _PEAK_RESET = True
+    except OSError:
+        _PEAK_RESET = False
+
+
+def stats(values) -> dict:
+    """Median, min and max of the finite values (a NaN marks a repetition that failed)."""
+    values = [float(v) for v in values]
+    vals = sorted(v for v in values if v == v and abs(v) != float("inf"))
+    n = len(vals)
+    if not n:
+        return {"median": None, "min": None, "max": None, "values": values}
+    median = vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+    return {"median": median, "min": vals[0], "max": vals[-1], "values": values}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def gpl3_tokens(tokenizer, path: str, count: int):
+    import numpy as np
+
+    with open(path, encoding="utf-8") as f:
+        ids = np.asarray(tokenizer.tokenize(f.read()), np.int32).reshape(-1)
+    if ids.size < count:
+        raise ValueError(f"{path} has {ids.size} tokens, the benchmark needs {count}")
+    return ids[:count]
+
+
+def measure_decode(model, text_ids, bos, s, out):
+    """Decode tokens/s from two generate runs of one compiled shape (see the module doc)."""
+    import numpy as np
+    from fp8xla import keras as fk
+
+    p, n = s["prompt_tokens"], s["new_tokens"]
+    total = p + n
+    if getattr(model, "fp8", None) is None:
+        # Keras-Hub 0.32's own generate function fails without a preprocessor (it returns
+        # "images": None); this is the same jitted generate step behind fp8xla's wrapper.
+        model.generate_function = fk.float_generate_function(model)
+    full = np.concatenate([[bos], text_ids[: total - 1]]).astype(np.int32)[None, :]
+    batches = {
+        "prompt": {"token_ids": np.where(np.arange(total) < p, full, 0).astype(np.int32),
+                   "padding_mask": (np.arange(total) < p)[None, :]},
+        "full": {"token_ids": full, "padding_mask": np.ones((1, total), bool)},
+    }
+    preprocessor = model.preprocessor
+
+    def generate(which):
+        model.preprocessor = None  # the inputs are token ids already
+        try:
+            t0 = time.perf_counter()
+            result = model.generate(batches[which], stop_token_ids=None)
+            ids = np.asarray(result["token_ids"])
+            return time.perf_counter() - t0, ids
+        finally:
+            model.preprocessor = preprocessor
+
+    with Step(f"decode: compile and warm up [1, {total}]") as st:
+        generate("full")
+        _, ids = generate("prompt")
+    out["decode_warmup_seconds"] = st.seconds
+    new = ids[0, p:]
+    out["continuation_ids"] = new[:16].tolist()
+    try:
+        out["continuation"] = preprocessor.tokenizer.detokenize(new[:16])
+    except Exception:  # informative only
+        pass
+    t_prompt, t_full, rates = [], [], []
+    for r in range(s["reps"]):
+        with Step(f"decode rep {r + 1}/{s['reps']}"):
+            tf, _ = generate("full")
+            tp, _ = generate("prompt")
+        t_full.append(tf)
+        t_prompt.append(tp)
+        rates.append(n / (tp - tf) if tp > tf else float("nan"))
+    out["generate_seconds"] = stats(t_prompt)  # P-token prompt + N new tokens, end to end
+    out["generate_fixed_seconds"] = stats(t_full)  # same shape, no decode step
+    out["decode_tokens_per_s"] = stats(rates)
+
+
+def forward_fn(model):
+    """``(token_ids, padding_mask) -> logits`` through the contender's own forward pass.
+
+    Keras' ``predict_on_batch`` (what fp8xla.perplexity uses) for Keras models;
+    ``fp8xla.keras.logits`` for fp8xla models, because on a model loaded from an FP8 preset
+    Keras' ``predict_on_batch`` reads the float values of the quantized variables first, and
+    those do not exist. Both jit-compile the forward graph once per shape and return the
+    logits of every position on the host."""
+    import numpy as np
+    from fp8xla import keras as fk
+    from fp8xla import perplexity
+
+    if getattr(model, "fp8", None) is None:
+        return perplexity.keras_logits_fn(model)
+
+    def logits(token_ids, padding_mask):
+        x = {"token_ids": token_ids, "padding_mask": padding_mask}
+        return np.asarray(fk.logits(model, x), np.float32)
+
+    return logits
+
+
+def measure_prefill_and_quality(model, bos, s, out, work):
+    """Prefill tokens/s and the GPL-3 protocol in one go: every chunk of the protocol is one
+    forward pass over [1, chunk + 1] tokens, which is the prefill, so each call is timed (after
+    one untimed call that compiles) instead of running separate prefill repetitions."""
+    import numpy as np
+    from fp8xla import perplexity
+
+    logits_fn = forward_fn(model)
+    p = s["ppl_chunk_tokens"] + 1
+    chunk = perplexity.gpl3_token_chunks(model.preprocessor.tokenizer, s["text_path"], 1, p - 1)
+    ids = np.concatenate([[[bos]], chunk], axis=1).astype(np.int32)
+    with Step(f"prefill: compile and warm up [1, {p}]") as st:
+        logits_fn(ids, np.ones_like(ids))
+    out["prefill_warmup_seconds"] = st.seconds
+    times = []
+    done = [0]
+
+    def timed(token_ids, padding_mask):
+        t0 = time.perf_counter()
+        logits = logits_fn(token_ids, padding_mask)
+        times.append(time.perf_counter() - t0)
+        done[0] += len(token_ids)
+        progress(f"prefill + perplexity: chunk {done[0]}/{s['ppl_chunks']}: {times[-1]:.1f} s")
+        return logits
+
+    with Step(f"GPL-3 perplexity ({s['ppl_chunks']} x {s['ppl_chunk_tokens']} tokens)"):
+        r = perplexity.gpl3_perplexity(model, logits_fn=timed, path=s["text_path"],
+                                       num_chunks=s["ppl_chunks"],
+                                       chunk_tokens=s["ppl_chunk_tokens"])
+    np.save(os.path.join(work, "predictions.npy"), r.predictions)
+    out["prefill_tokens"] = p
+    out["prefill_seconds"] = stats(times)
+    out["prefill_tokens_per_s"] = stats(p / t for t in times)
+    out["perplexity"] = r.perplexity
+    out["num_predictions"] = r.num_predictions
+    out["top1_accuracy"] = r.top1_accuracy()
+    out["perplexity_seconds"] = r.seconds
+
+
+def measure(contender, s, work) -> dict:
+    import fp8xla
+    import fp8xla.keras  # noqa: F401  (JAX, Keras and Keras-Hub: the runtime every one needs)
+    import fp8xla.models  # noqa: F401
+
+    reset_peak()
+    mem = {"baseline": memory()}
+    out = {"memory": mem, "isa": fp8xla.isa()}
+    preset = os.path.join(work, "preset") if contender.has_preset else None
+    with Step("load") as st:
+        model = e2e_contenders.load(contender, s["model"], preset)
+    out["load_seconds"] = st.seconds
+    mem["load"] = memory()
+    reset_peak()
+    tokenizer = model.preprocessor.tokenizer
+    bos = int(tokenizer.start_token_id)
+    text_ids = gpl3_tokens(tokenizer, s["text_path"], s["prompt_tokens"] + s["new_tokens"])
+    measure_decode(model, text_ids, bos, s, out)
+    mem["generate"] = memory()
+    reset_peak()
+    measure_prefill_and_quality(model, bos, s, out, work)
+    mem["score"] = memory()
+    return out
+
+
+def prepare(contender, s, work) -> dict:
+    from fp8xla import models
+
+    with Step("load the float32 model"):
+        model = models.load_model(s["model"], progress=False)
+    if not contender.has_preset:
+        return {}
+    with Step("quantize and save the preset"):
+        notes = e2e_contenders.prepare(contender, model, os.path.join(work, "preset"),
+                                       s["calib_max_length"])
+    return notes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("phase", choices=["prepare", "measure"])
+    ap.add_argument("contender", choices=sorted(e2e_contenders.BY_KEY))
+    ap.add_argument("--work", required=True, help="this contender's work directory")
+    ap.add_argument("--settings", required=True, help="the benchmark settings as JSON")
+    args = ap.parse_args(argv)
+    contender = e2e_contenders.BY_KEY[args.contender]
+    settings = json.loads(args.settings)
+    os.makedirs(args.work, exist_ok=True)
+    result_path = os.path.join(args.work, f"{args.phase}.json")
+    t0 = time.perf_counter()
+    try:
+        run = measure if args.phase == "measure" else prepare
+        result = {"status": "ok", **run(contender, settings, args.work)}
+        code = 0
+    except Exception as e:
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}".strip()}
+        code = 1
+    result["seconds"] = time.perf_counter() - t0
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
