@@ -206,6 +206,19 @@ class WeightsReader:
 # the model class of FP8 presets
 
 
+def _model_inputs(model, x):
+    """``{"token_ids", "padding_mask"}`` arrays of ``x``: as given, or preprocessed (strings)."""
+    import keras
+
+    if not isinstance(x, dict):
+        if model.preprocessor is None:
+            raise TypeError(
+                "fp8xla: predict on a model without a preprocessor takes "
+                "{'token_ids': ..., 'padding_mask': ...}, got " + type(x).__name__)
+        x = keras.utils.unpack_x_y_sample_weight(model.preprocessor(x))[0]
+    return {k: np.asarray(v) for k, v in x.items() if v is not None}
+
+
 def _class():
     """Defines and registers ``Fp8Gemma3CausalLM`` (Keras-Hub is imported lazily)."""
     global Fp8Gemma3CausalLM
@@ -239,6 +252,21 @@ def _class():
 
         def save_to_preset(self, preset_dir, max_shard_size=None):
             save(self, preset_dir)
+
+        # Keras' own predict paths read every trainable variable's float value first, and a
+        # loaded FP8 model has none for its quantized weights: score through the FP8 graph.
+        def predict_on_batch(self, x):
+            from . import keras as fk
+            return np.asarray(fk.logits(self, _model_inputs(self, x)))
+
+        def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+            from . import keras as fk
+            x = _model_inputs(self, x)
+            n = len(next(iter(x.values())))
+            size = batch_size or 32
+            parts = [np.asarray(fk.logits(self, {k: v[i:i + size] for k, v in x.items()}))
+                     for i in range(0, n, size)]
+            return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
         def compile(self, *args, **kwargs):
             super().compile(*args, **kwargs)
