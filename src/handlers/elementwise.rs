@@ -16,12 +16,7 @@ pub fn quantize(call: &mut Call<'_>) -> Result<(), FfiError> {
     let x = call.arg(0)?;
     let (x_dims, x_dtype) = (x.dims(), x.dtype());
     let q = call.take_ret(0)?;
-    let format = fp8_format(q.dtype()).ok_or_else(|| {
-        FfiError::invalid(format!(
-            "result 0 (q): expected dtype float8_e4m3fn or float8_e5m2, got {}",
-            q.dtype().name()
-        ))
-    })?;
+    let format = fp8_format("result 0 (q)", q.dtype())?;
     check_same_shape("result 0 (q)", q.dims(), "operand 0 (x)", x_dims)?;
     let pool = call.pool();
     match x_dtype {
@@ -53,12 +48,7 @@ pub fn dequantize(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.attrs().reject_unknown(&["scale"])?;
     let scale = scale_attr(call)?;
     let q = call.arg(0)?;
-    let format = fp8_format(q.dtype()).ok_or_else(|| {
-        FfiError::invalid(format!(
-            "operand 0 (q): expected dtype float8_e4m3fn or float8_e5m2, got {}",
-            q.dtype().name()
-        ))
-    })?;
+    let format = fp8_format("operand 0 (q)", q.dtype())?;
     let src = q.slice::<u8>("operand 0 (q)")?;
     let q_dims = q.dims();
     let x = call.take_ret(0)?;

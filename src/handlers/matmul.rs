@@ -282,12 +282,7 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
     attrs.reject_unknown(ATTRS)?;
     let lhs = call.arg(0)?;
     let rhs = call.arg(1)?;
-    let format = fp8_format(rhs.dtype()).ok_or_else(|| {
-        FfiError::invalid(format!(
-            "operand 1 (rhs): expected dtype float8_e4m3fn or float8_e5m2, got {}",
-            rhs.dtype().name()
-        ))
-    })?;
+    let format = fp8_format("operand 1 (rhs)", rhs.dtype())?;
     if !matches!(lhs.dtype(), DataType::F32 | DataType::Bf16) {
         return Err(FfiError::invalid(format!(
             "operand 0 (lhs): expected dtype float32 or bfloat16, got {}",

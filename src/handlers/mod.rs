@@ -21,12 +21,15 @@ use std::sync::Mutex;
 /// Elements below which a call runs on the calling thread only.
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// The FP8 format of an FP8 dtype.
-pub(crate) fn fp8_format(dtype: DataType) -> Option<Format> {
+/// The FP8 format of the dtype of `what` (e.g. "operand 1 (rhs)"), or an error naming it.
+pub(crate) fn fp8_format(what: &str, dtype: DataType) -> Result<Format, FfiError> {
     match dtype {
-        DataType::F8e4m3fn => Some(Format::E4m3fn),
-        DataType::F8e5m2 => Some(Format::E5m2),
-        _ => None,
+        DataType::F8e4m3fn => Ok(Format::E4m3fn),
+        DataType::F8e5m2 => Ok(Format::E5m2),
+        other => Err(FfiError::invalid(format!(
+            "{what}: expected dtype float8_e4m3fn or float8_e5m2, got {}",
+            other.name()
+        ))),
     }
 }
 

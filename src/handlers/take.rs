@@ -14,12 +14,7 @@ pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.attrs().reject_unknown(&["scale"])?;
     let scale = check_scale("scale", call.attrs().f32("scale")?)?;
     let table = call.arg(0)?;
-    let format = fp8_format(table.dtype()).ok_or_else(|| {
-        FfiError::invalid(format!(
-            "operand 0 (table): expected dtype float8_e4m3fn or float8_e5m2, got {}",
-            table.dtype().name()
-        ))
-    })?;
+    let format = fp8_format("operand 0 (table)", table.dtype())?;
     let t_dims = table.dims();
     let Some((&rows, row_dims)) = t_dims.split_first() else {
         return Err(FfiError::invalid(
