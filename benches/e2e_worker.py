@@ -17,7 +17,7 @@ read for each phase: loading, generating, scoring):
    the set-up and the copy of the results cancel out. stop_token_ids=None, so generation never
    stops early.
 2. prefill and quality: the GPL-3 protocol of fp8xla.perplexity, whose every chunk is one
-   forward pass over [1, C + 1] tokens (logits for every position, see ``forward_fn``); each
+   forward pass over [1, C + 1] tokens (logits for every position, ``predict_on_batch``); each
    of those calls is a timed prefill, tokens/s = (C + 1) / time. The predictions are saved for
    the top-1 agreement, which the driver computes against float32.
 
@@ -111,16 +111,6 @@ def stats(values) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def gpl3_tokens(tokenizer, path: str, count: int):
-    import numpy as np
-
-    with open(path, encoding="utf-8") as f:
-        ids = np.asarray(tokenizer.tokenize(f.read()), np.int32).reshape(-1)
-    if ids.size < count:
-        raise ValueError(f"{path} has {ids.size} tokens, the benchmark needs {count}")
-    return ids[:count]
-
-
 def measure_decode(model, text_ids, bos, s, out):
     """Decode tokens/s from two generate runs of one compiled shape (see the module doc)."""
     import numpy as np
@@ -173,28 +163,6 @@ def measure_decode(model, text_ids, bos, s, out):
     out["decode_tokens_per_s"] = stats(rates)
 
 
-def forward_fn(model):
-    """``(token_ids, padding_mask) -> logits`` through the contender's own forward pass.
-
-    Keras' ``predict_on_batch`` (what fp8xla.perplexity uses) for Keras models;
-    ``fp8xla.keras.logits`` for fp8xla models, because on a model loaded from an FP8 preset
-    Keras' ``predict_on_batch`` reads the float values of the quantized variables first, and
-    those do not exist. Both jit-compile the forward graph once per shape and return the
-    logits of every position on the host."""
-    import numpy as np
-    from fp8xla import keras as fk
-    from fp8xla import perplexity
-
-    if getattr(model, "fp8", None) is None:
-        return perplexity.keras_logits_fn(model)
-
-    def logits(token_ids, padding_mask):
-        x = {"token_ids": token_ids, "padding_mask": padding_mask}
-        return np.asarray(fk.logits(model, x), np.float32)
-
-    return logits
-
-
 def measure_prefill_and_quality(model, bos, s, out, work):
     """Prefill tokens/s and the GPL-3 protocol in one go: every chunk of the protocol is one
     forward pass over [1, chunk + 1] tokens, which is the prefill, so each call is timed (after
@@ -202,7 +170,9 @@ def measure_prefill_and_quality(model, bos, s, out, work):
     import numpy as np
     from fp8xla import perplexity
 
-    logits_fn = forward_fn(model)
+    # Keras' way to score text; an fp8xla model runs its FP8 graph there (even when loaded
+    # from an FP8 preset, see fp8xla.saving)
+    logits_fn = perplexity.keras_logits_fn(model)
     p = s["ppl_chunk_tokens"] + 1
     chunk = perplexity.gpl3_token_chunks(model.preprocessor.tokenizer, s["text_path"], 1, p - 1)
     ids = np.concatenate([[[bos]], chunk], axis=1).astype(np.int32)
@@ -238,6 +208,7 @@ def measure(contender, s, work) -> dict:
     import fp8xla
     import fp8xla.keras  # noqa: F401  (JAX, Keras and Keras-Hub: the runtime every one needs)
     import fp8xla.models  # noqa: F401
+    from fp8xla import perplexity
 
     reset_peak()
     mem = {"baseline": memory()}
@@ -250,7 +221,8 @@ def measure(contender, s, work) -> dict:
     reset_peak()
     tokenizer = model.preprocessor.tokenizer
     bos = int(tokenizer.start_token_id)
-    text_ids = gpl3_tokens(tokenizer, s["text_path"], s["prompt_tokens"] + s["new_tokens"])
+    text_ids = perplexity.gpl3_token_chunks(
+        tokenizer, s["text_path"], 1, s["prompt_tokens"] + s["new_tokens"])[0]
     measure_decode(model, text_ids, bos, s, out)
     mem["generate"] = memory()
     reset_peak()

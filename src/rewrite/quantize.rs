@@ -739,9 +739,13 @@ fn rewrite_dot(
     }))
 }
 
-/// The indices operand of a gather that takes whole rows of dim 0 (an embedding lookup:
-/// `table[indices]`), with index type s32|s64; None for any other gather.
-fn row_take_indices(op: &Op, w: &TensorType) -> Option<usize> {
+/// Whether a gather takes whole rows of dim 0 (an embedding lookup: `table[indices]`, the
+/// indices being operand 1, of type s32|s64).
+fn is_row_take(op: &Op, w: &TensorType) -> bool {
+    row_take(op, w).is_some()
+}
+
+fn row_take(op: &Op, w: &TensorType) -> Option<()> {
     let g = op.prop("dimension_numbers").and_then(GatherDims::parse)?;
     let sizes = op.prop("slice_sizes").and_then(parse_array_i64)?;
     let idx = op.operand_types.get(1)?.as_tensor()?;
@@ -772,18 +776,11 @@ fn row_take_indices(op: &Op, w: &TensorType) -> Option<usize> {
         && g.start_indices_batching_dims.is_empty()
         && g.offset_dims == trailing
         && sizes.len() == w.rank();
-    (plain && full_rows).then_some(1)
+    (plain && full_rows).then_some(())
 }
 
 /// Replaces a row gather on a per-tensor FP8 table with `fp8xla_take`.
-fn take_rows(
-    em: &mut Emitter,
-    op: &Op,
-    out: &TensorType,
-    e8: &ElementType,
-    scale: f32,
-    indices: usize,
-) -> String {
+fn take_rows(em: &mut Emitter, op: &Op, out: &TensorType, e8: &ElementType, scale: f32) -> String {
     let take_element = match out.element {
         ElementType::F32 | ElementType::Bf16 => out.element.clone(),
         _ => ElementType::F32,
@@ -804,8 +801,8 @@ fn take_rows(
         op.pos,
         Some(&taken),
         "stablehlo.custom_call",
-        vec![op.operands[0].clone(), op.operands[indices].clone()],
-        vec![table_ty, op.operand_types[indices].clone()],
+        vec![op.operands[0].clone(), op.operands[1].clone()],
+        vec![table_ty, op.operand_types[1].clone()],
         vec![Type::Tensor(take_ty.clone())],
         op.loc.clone(),
     );
@@ -890,8 +887,8 @@ fn rewrite_gather(
         }
     };
     let e8 = fp8_element(spec.format);
-    if let (Scale::PerTensor(scale), Some(indices)) = (&spec.scale, row_take_indices(&op, w)) {
-        return Ok(take_rows(em, &op, &out, &e8, *scale, indices));
+    if let (Scale::PerTensor(scale), true) = (&spec.scale, is_row_take(&op, w)) {
+        return Ok(take_rows(em, &op, &out, &e8, *scale));
     }
     // XLA's CPU backend has no FP8 gather: it converts the whole table to f16 (and hoists
     // that out of the decode loop). This gather runs on the bytes instead, bitcast to ui8
