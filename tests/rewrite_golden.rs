@@ -281,6 +281,28 @@ fn gemma3_all_weights() {
         .filter(|t| element(t).is_some_and(|e| e.is_fp8()))
         .count();
     assert_eq!(fp8, 15);
+    // What the loop carries is updated in place: the 4 KV caches (2 layers x key, value) and
+    // the generated token ids; the 4 prefill updates that seed the caches outside the loop
+    // stay dynamic_update_slice.
+    let updates = custom_calls(&c.module, "fp8xla_update_slice");
+    assert_eq!(updates.len(), 5);
+    let carried: HashSet<String> = w.regions[1].blocks[0]
+        .args
+        .iter()
+        .map(|a| a.name.clone())
+        .collect();
+    for u in &updates {
+        assert!(carried.contains(&u.operands[0]), "{:?}", u.operands);
+        assert_eq!(u.result_types[0], u.operand_types[0]);
+        assert!(u
+            .prop("output_operand_aliases")
+            .is_some_and(|a| a.contains("operand_index = 0")));
+    }
+    let left = all_ops(&c.module)
+        .into_iter()
+        .filter(|o| o.name == "stablehlo.dynamic_update_slice")
+        .count();
+    assert_eq!(left, 4);
     // Nothing was dequantized as a whole.
     assert!(!c.report["handled"]
         .as_array()
@@ -426,4 +448,17 @@ fn gemma3_instrument_matches_quantize_sites() {
         "gemma3.instrument.sites.json",
         &serde_json::to_string_pretty(&table).unwrap(),
     );
+}
+
+#[test]
+fn update_slices_in_place_can_be_turned_off() {
+    let mut opts: Value = serde_json::from_str(&data("gemma3.quantize.json")).unwrap();
+    opts["update_slices_in_place"] = Value::Bool(false);
+    let c = quantize_checked_with("gemma3", opts.to_string());
+    assert!(custom_calls(&c.module, "fp8xla_update_slice").is_empty());
+    let updates = all_ops(&c.module)
+        .into_iter()
+        .filter(|o| o.name == "stablehlo.dynamic_update_slice")
+        .count();
+    assert_eq!(updates, 9);
 }

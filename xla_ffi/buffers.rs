@@ -55,6 +55,18 @@ impl DataType {
             DataType::Other(code) => format!("XLA data type #{code}"),
         }
     }
+
+    /// Bytes per element, for the types fp8xla knows (`None` for `Other`).
+    pub fn byte_size(self) -> Option<usize> {
+        match self {
+            DataType::Pred | DataType::S8 | DataType::U8 => Some(1),
+            DataType::F8e4m3fn | DataType::F8e5m2 => Some(1),
+            DataType::F16 | DataType::Bf16 => Some(2),
+            DataType::S32 | DataType::F32 => Some(4),
+            DataType::S64 | DataType::F64 => Some(8),
+            DataType::Other(_) => None,
+        }
+    }
 }
 
 /// Rust element types a buffer can be viewed as.
@@ -134,6 +146,14 @@ impl<'a> View<'a> {
         self.dims.iter().map(|&d| d as usize).product()
     }
 
+    /// The bytes the buffer spans (one byte per element for types of unknown size, which
+    /// is enough to tell whether two buffers share memory).
+    fn byte_range(&self) -> std::ops::Range<usize> {
+        let start = self.data as usize;
+        let bytes = self.len() * self.dtype.byte_size().unwrap_or(1);
+        start..start.saturating_add(bytes)
+    }
+
     fn check<T: Element>(&self, what: &str) -> Result<(), FfiError> {
         if !T::matches(self.dtype) {
             return Err(FfiError::invalid(format!(
@@ -194,6 +214,27 @@ impl<'a> Arg<'a> {
         // elements of that dtype, is live for 'a and is not written while we read it.
         Ok(unsafe { std::slice::from_raw_parts(self.view.data as *const T, self.len()) })
     }
+    /// The raw row-major bytes, whatever the dtype (if its element size is known).
+    pub fn bytes(&self, what: &str) -> Result<&'a [u8], FfiError> {
+        let size = self.dtype().byte_size().ok_or_else(|| {
+            FfiError::invalid(format!("{what}: unsupported dtype {}", self.dtype().name()))
+        })?;
+        if self.is_empty() {
+            return Ok(&[]);
+        }
+        if self.view.data.is_null() {
+            return Err(FfiError::internal(format!("{what}: data pointer is null")));
+        }
+        // SAFETY: the buffer holds `len` elements of `size` bytes, is live for 'a and is not
+        // written while we read it; u8 needs no alignment.
+        Ok(unsafe { std::slice::from_raw_parts(self.view.data as *const u8, self.len() * size) })
+    }
+}
+
+/// Whether two buffers share any byte.
+fn overlap(a: &View, b: &View) -> bool {
+    let (a, b) = (a.byte_range(), b.byte_range());
+    !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
 }
 
 /// A result buffer, written once by the handler.
@@ -225,6 +266,10 @@ impl<'a> Ret<'a> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Whether this result shares memory with operand `arg`.
+    pub(crate) fn overlaps(&self, arg: &Arg) -> bool {
+        overlap(&self.view, &arg.view)
+    }
     /// The elements for writing; consumes the view so each result is borrowed mutably once.
     pub fn into_slice<T: Element>(self, what: &str) -> Result<&'a mut [T], FfiError> {
         self.view.check::<T>(what)?;
@@ -235,5 +280,88 @@ impl<'a> Ret<'a> {
         // elements, is live for 'a, and (by `Ret::new`'s contract and by consuming `self`) no
         // other reference to it exists.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.view.data as *mut T, self.len()) })
+    }
+}
+
+/// A result that updates an operand in place (the custom call declares
+/// `output_operand_aliases` for the pair): its bytes hold the operand's value on entry and
+/// the handler changes only what it must. The operand itself is not readable separately.
+pub struct InPlace<'a> {
+    dtype: DataType,
+    dims: &'a [i64],
+    bytes: &'a mut [u8],
+}
+
+impl<'a> InPlace<'a> {
+    /// Pairs result `ret` with operand `arg`: same dtype and shape, and either the very same
+    /// memory (XLA honoured the alias) or memory shared with no operand at all, in which case
+    /// the operand's bytes are copied in first. `what` names the pair in errors.
+    ///
+    /// # Safety
+    /// `ret` and `arg` must come from the same live call frame; `others` must be every other
+    /// operand of the call. Neither `arg` nor `ret` may be read or written through any other
+    /// view during `'a`.
+    pub(crate) unsafe fn new(
+        ret: Ret<'a>,
+        arg: Arg<'a>,
+        others: &[Arg<'a>],
+        what: &str,
+    ) -> Result<InPlace<'a>, FfiError> {
+        let (r, a) = (ret.view, arg.view);
+        if r.dtype != a.dtype || r.dims != a.dims {
+            return Err(FfiError::invalid(format!(
+                "{what}: expected the result to have the operand's type {}{:?}, got {}{:?}",
+                a.dtype.name(),
+                a.dims,
+                r.dtype.name(),
+                r.dims
+            )));
+        }
+        let size = r.dtype.byte_size().ok_or_else(|| {
+            FfiError::invalid(format!("{what}: unsupported dtype {}", r.dtype.name()))
+        })?;
+        let len = r.len() * size;
+        if others.iter().any(|o| overlap(&r, &o.view)) {
+            return Err(FfiError::internal(format!(
+                "{what}: the result shares memory with another operand"
+            )));
+        }
+        if len == 0 {
+            return Ok(InPlace {
+                dtype: r.dtype,
+                dims: r.dims,
+                bytes: &mut [],
+            });
+        }
+        if r.data.is_null() || a.data.is_null() {
+            return Err(FfiError::internal(format!("{what}: null data pointer")));
+        }
+        if r.data != a.data {
+            if overlap(&r, &a) {
+                return Err(FfiError::internal(format!(
+                    "{what}: the result partly overlaps the operand it updates"
+                )));
+            }
+            // SAFETY: both buffers hold `len` bytes (same dtype and shape), are live for the
+            // call, and do not overlap (checked just above).
+            unsafe { std::ptr::copy_nonoverlapping(a.data as *const u8, r.data, len) };
+        }
+        Ok(InPlace {
+            dtype: r.dtype,
+            dims: r.dims,
+            // SAFETY: the result holds `len` bytes live for 'a, and by this function's
+            // contract nothing else reads or writes it (or the operand it aliases) meanwhile.
+            bytes: unsafe { std::slice::from_raw_parts_mut(r.data, len) },
+        })
+    }
+    pub fn dtype(&self) -> DataType {
+        self.dtype
+    }
+    pub fn dims(&self) -> &'a [i64] {
+        self.dims
+    }
+    /// The buffer's bytes, row-major, holding the operand's value until changed.
+    pub fn bytes(&mut self) -> &mut [u8] {
+        self.bytes
     }
 }

@@ -1,7 +1,7 @@
 //! The path from XLA into a handler: metadata handshake, stage check, call frame decoding,
 //! panic guard, and conversion of errors into `XLA_FFI_Error`.
 use super::attrs::Attrs;
-use super::buffers::{Arg, Ret};
+use super::buffers::{Arg, InPlace, Ret};
 use super::error::FfiError;
 use super::pool::XlaPool;
 use super::raw;
@@ -10,8 +10,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// One invocation of a custom call, as a handler sees it.
 pub struct Call<'a> {
     target: &'static str,
-    args: Vec<Arg<'a>>,
+    /// Operands; `None` for one a result updates in place (read it through that result).
+    args: Vec<Option<Arg<'a>>>,
     rets: Vec<Option<Ret<'a>>>,
+    in_place: Vec<Option<InPlace<'a>>>,
     attrs: Attrs<'a>,
     pool: XlaPool<'a>,
 }
@@ -29,13 +31,25 @@ impl<'a> Call<'a> {
     }
     /// Operand `i`.
     pub fn arg(&self, i: usize) -> Result<Arg<'a>, FfiError> {
-        self.args.get(i).copied().ok_or_else(|| {
-            FfiError::invalid(format!(
+        match self.args.get(i) {
+            Some(Some(a)) => Ok(*a),
+            Some(None) => Err(FfiError::internal(format!(
+                "operand {i} is updated in place: read it through its result"
+            ))),
+            None => Err(FfiError::invalid(format!(
                 "expected at least {} operand(s), got {}",
                 i + 1,
                 self.args.len()
-            ))
-        })
+            ))),
+        }
+    }
+    /// Result `i` of a target that updates an operand in place (declared with the handler);
+    /// it can be taken once.
+    pub fn take_in_place(&mut self, i: usize) -> Result<InPlace<'a>, FfiError> {
+        self.in_place
+            .get_mut(i)
+            .and_then(Option::take)
+            .ok_or_else(|| FfiError::internal(format!("result {i} is not an in-place result")))
     }
     /// Result `i`; each result can be taken once.
     pub fn take_ret(&mut self, i: usize) -> Result<Ret<'a>, FfiError> {
@@ -82,6 +96,10 @@ impl<'a> Call<'a> {
 /// A handler body.
 pub type Handler = fn(&mut Call<'_>) -> Result<(), FfiError>;
 
+/// `(result, operand)` pairs a target updates in place: its custom calls declare
+/// `output_operand_aliases` for them. Every other result must share memory with no operand.
+pub type InPlacePairs = &'static [(usize, usize)];
+
 /// Runs `handler` for one XLA call frame and returns NULL on success or an XLA error.
 ///
 /// # Safety
@@ -90,6 +108,7 @@ pub(crate) unsafe fn run(
     frame: *mut raw::XLA_FFI_CallFrame,
     target: &'static str,
     handler: Handler,
+    in_place: InPlacePairs,
 ) -> *mut raw::XLA_FFI_Error {
     if frame.is_null() {
         return std::ptr::null_mut();
@@ -123,7 +142,7 @@ pub(crate) unsafe fn run(
             )));
         }
         // SAFETY: the frame is valid for the duration of this call.
-        let mut call = unsafe { decode(frame, target)? };
+        let mut call = unsafe { decode(frame, target, in_place)? };
         handler(&mut call)
     }));
     match outcome {
@@ -154,6 +173,7 @@ pub(crate) unsafe fn run(
 unsafe fn decode<'a>(
     frame: &'a raw::XLA_FFI_CallFrame,
     target: &'static str,
+    in_place: InPlacePairs,
 ) -> Result<Call<'a>, FfiError> {
     let mut args = Vec::new();
     for i in 0..usize::try_from(frame.args.size).unwrap_or(0) {
@@ -173,16 +193,55 @@ unsafe fn decode<'a>(
         if ty != raw::XLA_FFI_RetType_BUFFER {
             return Err(FfiError::invalid(format!("result {i} is not a buffer")));
         }
-        // SAFETY: a BUFFER result is an XLA_FFI_Buffer live for the call; XLA gives each
-        // result its own memory (fp8xla never declares operand/result aliasing).
+        // SAFETY: a BUFFER result is an XLA_FFI_Buffer live for the call. XLA gives each
+        // result memory of its own unless the call declares an alias with an operand; such
+        // pairs become `InPlace` below and every other result is checked against the operands.
         rets.push(Some(unsafe {
             Ret::new(ptr as *const raw::XLA_FFI_Buffer)?
         }));
+    }
+    let mut args: Vec<Option<Arg<'a>>> = args.into_iter().map(Some).collect();
+    let mut updated = Vec::new();
+    for &(r, a) in in_place {
+        let what = format!("result {r} (updates operand {a} in place)");
+        let (Some(ret), Some(Some(arg))) = (rets.get_mut(r).and_then(Option::take), args.get(a))
+        else {
+            return Err(FfiError::invalid(format!(
+                "{what}: expected at least {} operand(s) and {} result(s), got {} and {}",
+                a + 1,
+                r + 1,
+                args.len(),
+                rets.len()
+            )));
+        };
+        let arg = *arg;
+        args[a] = None;
+        let others: Vec<Arg<'a>> = args.iter().flatten().copied().collect();
+        if updated.len() <= r {
+            updated.resize_with(r + 1, || None);
+        }
+        // SAFETY: both come from this frame; the operand slot was just emptied so no other
+        // view of it is handed out, and the result was taken out of `rets`.
+        updated[r] = Some(unsafe { InPlace::new(ret, arg, &others, &what)? });
+    }
+    for (i, ret) in rets.iter().enumerate() {
+        if let Some(ret) = ret {
+            if let Some(j) = args
+                .iter()
+                .position(|a| a.is_some_and(|a| ret.overlaps(&a)))
+            {
+                return Err(FfiError::invalid(format!(
+                    "result {i} shares memory with operand {j}, but this custom call does not \
+                     update operands in place (drop the input/output alias)"
+                )));
+            }
+        }
     }
     Ok(Call {
         target,
         args,
         rets,
+        in_place: updated,
         // SAFETY: the attributes live as long as the frame.
         attrs: unsafe { Attrs::new(&frame.attrs) },
         // SAFETY: api and ctx come from the live frame.

@@ -9,7 +9,7 @@ use crate::handlers;
 use std::ffi::{c_char, CStr, CString};
 
 macro_rules! export_handlers {
-    ($($symbol:ident => $body:path),* $(,)?) => {$(
+    ($($symbol:ident => $body:path $(, in_place $pairs:expr)?;)*) => {$(
         /// XLA FFI handler (typed FFI, platform `cpu`).
         ///
         /// # Safety
@@ -17,18 +17,19 @@ macro_rules! export_handlers {
         #[no_mangle]
         pub unsafe extern "C" fn $symbol(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
             // SAFETY: XLA passes the call frame of this invocation.
-            unsafe { run(frame, stringify!($symbol), $body) }
+            unsafe { run(frame, stringify!($symbol), $body, &[$($pairs)?]) }
         }
     )*};
 }
 
 export_handlers! {
-    fp8xla_quantize => handlers::quantize,
-    fp8xla_dequantize => handlers::dequantize,
-    fp8xla_qdq => handlers::qdq,
-    fp8xla_observe => handlers::observe,
-    fp8xla_matmul => handlers::matmul,
-    fp8xla_take => handlers::take,
+    fp8xla_quantize => handlers::quantize;
+    fp8xla_dequantize => handlers::dequantize;
+    fp8xla_qdq => handlers::qdq;
+    fp8xla_observe => handlers::observe;
+    fp8xla_matmul => handlers::matmul;
+    fp8xla_take => handlers::take;
+    fp8xla_update_slice => handlers::update_slice, in_place (0, 0);
 }
 
 /// Number of sites `fp8xla_observe` has recorded since the last reset.

@@ -15,6 +15,7 @@ TARGETS = (
     "fp8xla_observe",
     "fp8xla_matmul",
     "fp8xla_take",
+    "fp8xla_update_slice",
 )
 
 _lib: ctypes.CDLL | None = None

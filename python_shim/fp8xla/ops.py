@@ -122,6 +122,33 @@ def take(table, indices, scale, dtype=jnp.float32):
     return jax.ffi.ffi_call("fp8xla_take", out)(table, indices, scale=s)
 
 
+def update_slice(operand, update, start_indices):
+    """``jax.lax.dynamic_update_slice(operand, update, start_indices)`` as an in-place custom
+    call: the result aliases ``operand``'s buffer (under ``jax.jit`` with the operand donated,
+    or inside a loop that carries it, nothing is copied). As in ``jax.lax``, a negative start
+    index counts from the end; then every index is clamped so the update fits (the custom call
+    itself clamps like ``stablehlo.dynamic_update_slice``, negative indices to 0)."""
+    operand, update = jnp.asarray(operand), jnp.asarray(update)
+    if update.dtype != operand.dtype:
+        raise TypeError(f"fp8xla.update_slice: `update` must have the operand's dtype "
+                        f"{operand.dtype}, got {update.dtype}")
+    if update.ndim != operand.ndim or any(u > n for u, n in zip(update.shape, operand.shape)):
+        raise ValueError(f"fp8xla.update_slice: `update` must have rank {operand.ndim} and dims "
+                         f"at most {operand.shape}, got {update.shape}")
+    start = [jnp.asarray(i) for i in start_indices]
+    if len(start) != operand.ndim:
+        raise ValueError(f"fp8xla.update_slice: expected {operand.ndim} start indices, got "
+                         f"{len(start)}")
+    for i in start:
+        if i.ndim != 0 or i.dtype not in (np.int32, np.int64):
+            raise TypeError(f"fp8xla.update_slice: start indices must be int32 or int64 "
+                            f"scalars, got {i.dtype}{list(i.shape)}")
+    start = [jnp.where(i < 0, i + n, i) for i, n in zip(start, operand.shape)]
+    out = jax.ShapeDtypeStruct(operand.shape, operand.dtype)
+    return jax.ffi.ffi_call("fp8xla_update_slice", out, input_output_aliases={0: 0})(
+        operand, update, *start)
+
+
 def qdq(x, scale, format="e4m3fn"):
     """Fake quantization in one pass: ``dequantize(quantize(x, scale), scale)``, same dtype."""
     x = jnp.asarray(x)

@@ -7,11 +7,13 @@ mod elementwise;
 mod matmul;
 pub mod observer;
 mod take;
+mod update_slice;
 
 pub use elementwise::{dequantize, qdq, quantize};
 pub use matmul::matmul;
 pub use observer::observe;
 pub use take::take;
+pub use update_slice::update_slice;
 
 use crate::fp8::Format;
 use crate::parallel::{split_range, Parallel};

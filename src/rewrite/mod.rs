@@ -30,6 +30,7 @@
 //!   "skip_sites": [7],
 //!   "skip_args": [2],
 //!   "strict": false,
+//!   "update_slices_in_place": true,
 //!   "entry": "main",
 //!   "args": [{"index": 5, "path": "decoder_block_0/attention/query/kernel"}]
 //! }
@@ -45,6 +46,8 @@
 //! - `skip_args`: arguments left in float. They still count for site numbering, so sites agree
 //!   with `instrument` run with `weights` = the union of both lists.
 //! - `strict`: error instead of dequantizing a whole weight at a use the pass cannot keep FP8.
+//! - `update_slices_in_place` (default `true`): see [`inplace`] (KV-cache updates of a decode
+//!   loop become the in-place `fp8xla_update_slice`).
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
 //!
 //! Sites are the `dot_general` ops with a weight operand, numbered in pre-order over the module
@@ -65,7 +68,10 @@
 //! - a transpose of a weight feeding only dots is folded into the matmuls' dimension numbers
 //!   (no float copy of the table); an embedding `gather` gathers FP8 rows, then
 //!   `convert` + `multiply` dequantize only those rows;
-//! - any other use: `convert` + `multiply` by the scale inserted at that use.
+//! - any other use: `convert` + `multiply` by the scale inserted at that use;
+//! - each `dynamic_update_slice` in a `while` body whose operand is a value the loop carries →
+//!   `"stablehlo.custom_call"(same operands) <{api_version = 4 : i32, backend_config = {},
+//!   call_target_name = "fp8xla_update_slice", output_operand_aliases = [operand 0]}>`.
 //!
 //! # Report (`quantize`)
 //!
@@ -77,7 +83,8 @@
 //!               "lhs_contracting_dims", "rhs_contracting_dims", "lhs_batching_dims",
 //!               "rhs_batching_dims", "output_transpose", "a_scale", "dropped_attributes"}],
 //!  "handled": [{"kind": "while" | "call" | "clone" | "transpose" | "transpose_folded" |
-//!               "gather" | "dequantize", "arg", "function", "loc", "detail" | "reason"}],
+//!               "gather" | "dequantize" | "update_slice_in_place", "arg", "function", "loc",
+//!               "detail" | "reason"}],
 //!  "skipped": [{"arg" | "site", "reason", …}]}
 //! ```
 //!
@@ -100,6 +107,7 @@
 pub mod attr;
 pub mod emit;
 pub mod flow;
+pub mod inplace;
 pub mod instrument;
 pub mod ir;
 mod options;

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use super::attr::{array_i64, fmt_f32, parse_array_i64, GatherDims};
 use super::emit::{with_props, Convert, Emitter, Names, Scale};
 use super::flow::{self, Flow, OtherUse, Site};
+use super::inplace;
 use super::ir::{Dim, ElementType, Module, Op, TensorType, Type};
 use super::options::{
     arg_paths, as_index, as_scale, check_keys, entry_name, index_list, kind, opt_err, parse_json,
@@ -30,6 +31,7 @@ struct Options {
     skip_sites: BTreeSet<usize>,
     a_scales: HashMap<usize, f32>,
     strict: bool,
+    update_slices_in_place: bool,
     paths: HashMap<usize, String>,
 }
 
@@ -44,6 +46,7 @@ fn parse_options(text: &str) -> Result<Options, RewriteError> {
             "skip_sites",
             "a_scales",
             "strict",
+            "update_slices_in_place",
             "args",
         ],
         "the quantize options",
@@ -129,6 +132,16 @@ fn parse_options(text: &str) -> Result<Options, RewriteError> {
         Some(Value::Bool(b)) => *b,
         Some(other) => return Err(opt_err("a boolean for `strict`", &kind(other))),
     };
+    let update_slices_in_place = match m.get("update_slices_in_place") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(opt_err(
+                "a boolean for `update_slices_in_place`",
+                &kind(other),
+            ))
+        }
+    };
     Ok(Options {
         entry: entry_name(&m)?,
         weights,
@@ -140,6 +153,7 @@ fn parse_options(text: &str) -> Result<Options, RewriteError> {
             .collect(),
         a_scales,
         strict,
+        update_slices_in_place,
         paths: arg_paths(&m)?,
     })
 }
@@ -454,6 +468,9 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
         }));
     }
     handled.extend(dequantized);
+    if opts.update_slices_in_place {
+        handled.extend(inplace::update_slices_in_place(&mut module, &aliases));
+    }
 
     verify(&module).map_err(|e| RewriteError {
         stage: "quantize",
