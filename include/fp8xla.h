@@ -37,7 +37,8 @@ struct XLA_FFI_Error* fp8xla_matmul(struct XLA_FFI_CallFrame* frame);
  * -> f32|bf16 [batch..., row dims...] = f32(table[clamp(i, 0, rows-1)]) * scale
  * (an embedding lookup); attribute scale. */
 struct XLA_FFI_Error* fp8xla_take(struct XLA_FFI_CallFrame* frame);
-/* operand (any dtype, rank r), update (same dtype and rank, dims <= operand's), r scalar
+/* operand (pred, s8, u8, s32, s64, f16, bf16, f32, f64, f8e4m3fn or f8e5m2; rank r),
+ * update (same dtype and rank, dims <= operand's), r scalar
  * start indices (s32|s64) -> the operand with update written at the start indices, each
  * clamped to [0, operand_dim - update_dim] (stablehlo.dynamic_update_slice). Result 0 must
  * alias operand 0 (output_operand_aliases): the update is done in place. No attributes. */

@@ -146,8 +146,9 @@ impl<'a> View<'a> {
         self.dims.iter().map(|&d| d as usize).product()
     }
 
-    /// The bytes the buffer spans (one byte per element for types of unknown size, which
-    /// is enough to tell whether two buffers share memory).
+    /// The bytes the buffer spans. For a dtype of unknown size it counts one byte per
+    /// element, a lower bound: such buffers are never read or written (every accessor refuses
+    /// an unknown dtype), so an overlap this misses is harmless.
     fn byte_range(&self) -> std::ops::Range<usize> {
         let start = self.data as usize;
         let bytes = self.len() * self.dtype.byte_size().unwrap_or(1);
@@ -217,7 +218,10 @@ impl<'a> Arg<'a> {
     /// The raw row-major bytes, whatever the dtype (if its element size is known).
     pub fn bytes(&self, what: &str) -> Result<&'a [u8], FfiError> {
         let size = self.dtype().byte_size().ok_or_else(|| {
-            FfiError::invalid(format!("{what}: unsupported dtype {}", self.dtype().name()))
+            FfiError::invalid(format!(
+                "{what}: expected dtype {SIZED_DTYPES}, got {}",
+                self.dtype().name()
+            ))
         })?;
         if self.is_empty() {
             return Ok(&[]);
@@ -289,8 +293,14 @@ impl<'a> Ret<'a> {
 pub struct InPlace<'a> {
     dtype: DataType,
     dims: &'a [i64],
+    size: usize,
     bytes: &'a mut [u8],
 }
+
+/// The dtypes whose element size fp8xla knows (what byte-level handlers take).
+pub const SIZED_DTYPES: &str =
+    "bool, int8, uint8, int32, int64, float16, bfloat16, float32, float64, float8_e4m3fn or \
+     float8_e5m2";
 
 impl<'a> InPlace<'a> {
     /// Pairs result `ret` with operand `arg`: same dtype and shape, and either the very same
@@ -304,7 +314,7 @@ impl<'a> InPlace<'a> {
     pub(crate) unsafe fn new(
         ret: Ret<'a>,
         arg: Arg<'a>,
-        others: &[Arg<'a>],
+        others: &[(usize, Arg<'a>)],
         what: &str,
     ) -> Result<InPlace<'a>, FfiError> {
         let (r, a) = (ret.view, arg.view);
@@ -318,28 +328,39 @@ impl<'a> InPlace<'a> {
             )));
         }
         let size = r.dtype.byte_size().ok_or_else(|| {
-            FfiError::invalid(format!("{what}: unsupported dtype {}", r.dtype.name()))
+            FfiError::invalid(format!(
+                "{what}: expected dtype {}, got {}",
+                SIZED_DTYPES,
+                r.dtype.name()
+            ))
         })?;
         let len = r.len() * size;
-        if others.iter().any(|o| overlap(&r, &o.view)) {
+        if let Some((j, _)) = others.iter().find(|(_, o)| overlap(&r, &o.view)) {
             return Err(FfiError::internal(format!(
-                "{what}: the result shares memory with another operand"
+                "{what}: expected memory shared with no other operand, got memory shared \
+                 with operand {j}"
             )));
         }
         if len == 0 {
             return Ok(InPlace {
                 dtype: r.dtype,
                 dims: r.dims,
+                size,
                 bytes: &mut [],
             });
         }
         if r.data.is_null() || a.data.is_null() {
-            return Err(FfiError::internal(format!("{what}: null data pointer")));
+            return Err(FfiError::internal(format!(
+                "{what}: null data pointer (result {}, operand {})",
+                if r.data.is_null() { "null" } else { "ok" },
+                if a.data.is_null() { "null" } else { "ok" }
+            )));
         }
         if r.data != a.data {
             if overlap(&r, &a) {
                 return Err(FfiError::internal(format!(
-                    "{what}: the result partly overlaps the operand it updates"
+                    "{what}: expected the very buffer of the operand or a separate one, got \
+                     one that partly overlaps it"
                 )));
             }
             // SAFETY: both buffers hold `len` bytes (same dtype and shape), are live for the
@@ -349,6 +370,7 @@ impl<'a> InPlace<'a> {
         Ok(InPlace {
             dtype: r.dtype,
             dims: r.dims,
+            size,
             // SAFETY: the result holds `len` bytes live for 'a, and by this function's
             // contract nothing else reads or writes it (or the operand it aliases) meanwhile.
             bytes: unsafe { std::slice::from_raw_parts_mut(r.data, len) },
@@ -359,6 +381,10 @@ impl<'a> InPlace<'a> {
     }
     pub fn dims(&self) -> &'a [i64] {
         self.dims
+    }
+    /// Bytes per element.
+    pub fn elem_size(&self) -> usize {
+        self.size
     }
     /// The buffer's bytes, row-major, holding the operand's value until changed.
     pub fn bytes(&mut self) -> &mut [u8] {

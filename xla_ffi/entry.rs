@@ -182,8 +182,9 @@ unsafe fn decode<'a>(
         if ty != raw::XLA_FFI_ArgType_BUFFER {
             return Err(FfiError::invalid(format!("operand {i} is not a buffer")));
         }
-        // SAFETY: a BUFFER argument is an XLA_FFI_Buffer live for the call; operands are
-        // only read.
+        // SAFETY: a BUFFER argument is an XLA_FFI_Buffer live for the call. Operands are only
+        // read, except one a result updates in place: its slot is emptied below and it is
+        // reached only through that `InPlace` result.
         args.push(unsafe { Arg::new(ptr as *const raw::XLA_FFI_Buffer)? });
     }
     let mut rets = Vec::new();
@@ -200,12 +201,12 @@ unsafe fn decode<'a>(
             Ret::new(ptr as *const raw::XLA_FFI_Buffer)?
         }));
     }
-    let mut args: Vec<Option<Arg<'a>>> = args.into_iter().map(Some).collect();
+    // Results that share memory with an operand are allowed only as declared in-place pairs;
+    // every check runs against the full operand list.
     let mut updated = Vec::new();
     for &(r, a) in in_place {
         let what = format!("result {r} (updates operand {a} in place)");
-        let (Some(ret), Some(Some(arg))) = (rets.get_mut(r).and_then(Option::take), args.get(a))
-        else {
+        let (Some(ret), Some(&arg)) = (rets.get_mut(r).and_then(Option::take), args.get(a)) else {
             return Err(FfiError::invalid(format!(
                 "{what}: expected at least {} operand(s) and {} result(s), got {} and {}",
                 a + 1,
@@ -214,28 +215,33 @@ unsafe fn decode<'a>(
                 rets.len()
             )));
         };
-        let arg = *arg;
-        args[a] = None;
-        let others: Vec<Arg<'a>> = args.iter().flatten().copied().collect();
+        let others: Vec<(usize, Arg<'a>)> = args
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|&(j, _)| j != a)
+            .collect();
         if updated.len() <= r {
             updated.resize_with(r + 1, || None);
         }
-        // SAFETY: both come from this frame; the operand slot was just emptied so no other
-        // view of it is handed out, and the result was taken out of `rets`.
+        // SAFETY: both come from this frame; the result was taken out of `rets` and the
+        // operand's slot is emptied below, before any view of it is handed out.
         updated[r] = Some(unsafe { InPlace::new(ret, arg, &others, &what)? });
     }
     for (i, ret) in rets.iter().enumerate() {
         if let Some(ret) = ret {
-            if let Some(j) = args
-                .iter()
-                .position(|a| a.is_some_and(|a| ret.overlaps(&a)))
-            {
+            if let Some(j) = args.iter().position(|a| ret.overlaps(a)) {
                 return Err(FfiError::invalid(format!(
-                    "result {i} shares memory with operand {j}, but this custom call does not \
-                     update operands in place (drop the input/output alias)"
+                    "result {i}: expected memory of its own, got memory shared with operand \
+                     {j} (this custom call does not update operands in place: drop the \
+                     input/output alias)"
                 )));
             }
         }
+    }
+    let mut args: Vec<Option<Arg<'a>>> = args.into_iter().map(Some).collect();
+    for &(_, a) in in_place {
+        args[a] = None;
     }
     Ok(Call {
         target,

@@ -26,7 +26,7 @@ mod raw {
 }
 
 pub use attrs::Attrs;
-pub use buffers::{Arg, DataType, Element, InPlace, Ret};
+pub use buffers::{Arg, DataType, Element, InPlace, Ret, SIZED_DTYPES};
 pub use entry::Call;
 pub use error::FfiError;
 pub use pool::XlaPool;

@@ -122,6 +122,12 @@ def take(table, indices, scale, dtype=jnp.float32):
     return jax.ffi.ffi_call("fp8xla_take", out)(table, indices, scale=s)
 
 
+# What fp8xla_update_slice takes: the element types whose size the library knows.
+_UPDATE_SLICE_DTYPES = frozenset(np.dtype(d) for d in (
+    np.bool_, np.int8, np.uint8, np.int32, np.int64, np.float16, jnp.bfloat16, np.float32,
+    np.float64, jnp.float8_e4m3fn, jnp.float8_e5m2))
+
+
 def update_slice(operand, update, start_indices):
     """``jax.lax.dynamic_update_slice(operand, update, start_indices)`` as an in-place custom
     call: the result aliases ``operand``'s buffer (under ``jax.jit`` with the operand donated,
@@ -129,6 +135,9 @@ def update_slice(operand, update, start_indices):
     index counts from the end; then every index is clamped so the update fits (the custom call
     itself clamps like ``stablehlo.dynamic_update_slice``, negative indices to 0)."""
     operand, update = jnp.asarray(operand), jnp.asarray(update)
+    if np.dtype(operand.dtype) not in _UPDATE_SLICE_DTYPES:
+        raise TypeError(f"fp8xla.update_slice: `operand` must be one of "
+                        f"{sorted(str(d) for d in _UPDATE_SLICE_DTYPES)}, got {operand.dtype}")
     if update.dtype != operand.dtype:
         raise TypeError(f"fp8xla.update_slice: `update` must have the operand's dtype "
                         f"{operand.dtype}, got {update.dtype}")

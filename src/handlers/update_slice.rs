@@ -3,15 +3,15 @@
 //! In a decode loop every step writes one row into each layer's KV cache and then reads the
 //! whole cache. XLA's CPU backend fuses such an update twice (once into the cache it carries,
 //! once into the attention that reads it), and each in-place fusion needs a private buffer: it
-//! copies every cache four times per step (about a quarter of an FP8 decode step of Gemma3
-//! 270M). A custom call that declares `output_operand_aliases` cannot be duplicated, so the
-//! cache is written where it lies.
+//! copies every cache four times per step (5.5 ms of a ~27 ms FP8 decode step of Gemma3 270M
+//! with a 640-token cache). XLA never fuses a custom call, and the declared
+//! `output_operand_aliases` lets it write the row where the cache lies.
 use crate::xla_ffi::{Call, DataType, FfiError};
 
-/// operand (any dtype, rank r), update (same dtype, rank r, dims <= operand's), r scalar start
-/// indices (s32|s64) → the operand with `update` written at the start indices, each clamped to
-/// `[0, operand_dim - update_dim]` as `dynamic_update_slice` clamps them. Result 0 aliases
-/// operand 0.
+/// operand (a dtype of [`crate::xla_ffi::SIZED_DTYPES`], rank r), update (same dtype, rank r,
+/// dims <= operand's), r scalar start indices (s32|s64) → the operand with `update` written at
+/// the start indices, each clamped to `[0, operand_dim - update_dim]` as `dynamic_update_slice`
+/// clamps them. Result 0 aliases operand 0.
 pub fn update_slice(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.attrs().reject_unknown(&[])?;
     let mut out = call.take_in_place(0)?;
@@ -55,12 +55,7 @@ pub fn update_slice(call: &mut Call<'_>) -> Result<(), FfiError> {
         };
         start.push(i.clamp(0, n - u) as usize);
     }
-    let size = out.dtype().byte_size().ok_or_else(|| {
-        FfiError::invalid(format!(
-            "operand 0 (operand): unsupported dtype {}",
-            out.dtype().name()
-        ))
-    })?;
+    let size = out.elem_size();
     let src = update.bytes("operand 1 (update)")?;
     let to_usize = |d: &[i64]| d.iter().map(|&x| x as usize).collect::<Vec<_>>();
     write_block(

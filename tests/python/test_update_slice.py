@@ -91,6 +91,37 @@ def test_loop_carried_cache_matches_dynamic_update_slice(rng):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
+def test_old_value_read_after_the_update_in_a_loop(rng):
+    """The loop reads the buffer it carries after updating it: XLA must copy before the
+    in-place write, so the old value stays what it was."""
+    steps, rows, width = 7, 9, 5
+    cache0 = random_array(rng, (rows, width), np.float32)
+
+    def run(update):
+        def body(i, carry):
+            acc, cache = carry
+            new = update(cache, jnp.full((1, width), i, jnp.float32) + 0.5, (i, jnp.int32(0)))
+            # both the old and the new buffer are used after the update
+            acc = acc + jnp.sum(cache * 3.0, axis=0) - jnp.sum(new, axis=0)
+            return acc, new
+        return jax.jit(lambda c: jax.lax.fori_loop(0, steps, body,
+                                                   (jnp.zeros((width,), jnp.float32), c)))(cache0)
+
+    got, want = run(ops.update_slice), run(jax.lax.dynamic_update_slice)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_operand_as_its_own_update(rng):
+    """The same buffer as operand and update: XLA passes the update from a separate copy or
+    reads it before the write, never a refused overlap."""
+    x = random_array(rng, (3, 4), np.float32)
+    got = jax.jit(lambda a: ops.update_slice(a, a, (jnp.int32(0), jnp.int32(0))))(x)
+    same_bits(got, x)
+    row = jax.jit(lambda a: ops.update_slice(a, a[1:2], (jnp.int32(2), jnp.int32(0))))(x)
+    same_bits(row, reference(x, x[1:2], [2, 0]))
+
+
 def test_operand_is_not_changed_without_donation(rng):
     """The custom call aliases its operand; XLA must copy a buffer the caller still holds."""
     operand = jnp.asarray(random_array(rng, (4, 5), np.float32))
@@ -135,6 +166,10 @@ def test_update_slice_errors():
         ("operand 2 \\(start index 0\\): expected a scalar, got shape \\[1\\]",
          f32, (op, np.zeros((1, 3), np.float32), np.zeros((1,), np.int32), i), {}),
         ("unknown attribute", f32, (op, np.zeros((1, 3), np.float32), i, i), {"scale": np.float32(1)}),
+        ("expected dtype bool, int8, uint8, int32, int64, float16, bfloat16, float32, float64, "
+         "float8_e4m3fn or float8_e5m2, got XLA data type",
+         jax.ShapeDtypeStruct((4, 3), jnp.uint32),
+         (np.zeros((4, 3), np.uint32), np.zeros((1, 3), np.uint32), i, i), {}),
         ("expected the result to have the operand's type float32\\[4, 3\\], got float32\\[4, 2\\]",
          jax.ShapeDtypeStruct((4, 2), jnp.float32), (op, np.zeros((1, 2), np.float32), i, i), {}),
     ]
@@ -148,7 +183,8 @@ def test_other_targets_refuse_an_input_output_alias():
     error, not a silent read of memory that is being written."""
     x = np.ones((4, 8), np.float32)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    with pytest.raises(Exception, match="fp8xla_qdq: result 0 shares memory with operand 0"):
+    with pytest.raises(Exception, match="fp8xla_qdq: result 0: expected memory of its own, "
+                       "got memory shared with operand 0"):
         jax.block_until_ready(jax.ffi.ffi_call("fp8xla_qdq", out, input_output_aliases={0: 0})(
             x, scale=np.float32(1), format="e4m3fn"))
 
@@ -161,5 +197,7 @@ def test_python_wrapper_checks():
         ops.update_slice(op, jnp.zeros((5, 3), jnp.float32), (0, 0))
     with pytest.raises(ValueError, match="expected 2 start indices"):
         ops.update_slice(op, jnp.zeros((1, 3), jnp.float32), (0,))
+    with pytest.raises(TypeError, match="`operand` must be one of .* got uint32"):
+        ops.update_slice(jnp.zeros((4, 3), jnp.uint32), jnp.zeros((1, 3), jnp.uint32), (0, 0))
     with pytest.raises(TypeError, match="int32 or int64 scalars"):
         ops.update_slice(op, jnp.zeros((1, 3), jnp.float32), (0, jnp.zeros((2,), jnp.int32)))
