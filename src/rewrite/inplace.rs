@@ -17,8 +17,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
+use super::emit::with_props;
 use super::flow::func_name;
-use super::ir::{Attr, AttrDict, ElementType, Module, Op, Type};
+use super::ir::{ElementType, Module, Op, Type};
 use super::loc_json;
 
 /// The target the updates become.
@@ -122,26 +123,20 @@ fn supported(op: &Op) -> bool {
 /// The update as the custom call (same operands, types, result and location).
 fn to_custom_call(op: &mut Op) {
     op.name = "stablehlo.custom_call".to_string();
-    let props = [
-        ("api_version", "4 : i32".to_string()),
-        ("backend_config", "{}".to_string()),
-        ("call_target_name", format!("\"{TARGET}\"")),
-        (
-            "output_operand_aliases",
-            "[#stablehlo.output_operand_alias<output_tuple_indices = [], operand_index = 0, \
-             operand_tuple_indices = []>]"
-                .to_string(),
-        ),
-    ];
-    op.properties = Some(AttrDict {
-        entries: props
-            .into_iter()
-            .map(|(name, value)| Attr {
-                name: name.to_string(),
-                value: Some(value),
-            })
-            .collect(),
-    });
+    *op = with_props(
+        op.clone(),
+        vec![
+            ("api_version", "4 : i32".to_string()),
+            ("backend_config", "{}".to_string()),
+            ("call_target_name", format!("\"{TARGET}\"")),
+            (
+                "output_operand_aliases",
+                "[#stablehlo.output_operand_alias<output_tuple_indices = [], operand_index = 0, \
+                 operand_tuple_indices = []>]"
+                    .to_string(),
+            ),
+        ],
+    );
 }
 
 #[cfg(test)]

@@ -198,15 +198,10 @@ def test_compile_after_quantize_keeps_fp8(rng):
     np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
 
 
-def test_compiled_generate_never_holds_a_float_copy_of_the_embedding_table(rng):
-    """XLA turns `convert(gather(table))` into `gather(convert(table))` and hoists the convert
-    out of the decode loop; the row dequantization must stay where the rewrite put it."""
+def compiled_generate_hlo(model, batch):
+    """The optimized HLO of the FP8 generate step `model.generate(batch)` compiled."""
     from fp8xla.keras import _GraphCache
 
-    model = tiny_gemma3()
-    quantize_model(model, StaticQuantConfig(activation_dtype=None))
-    batch = prompts(rng, 2)
-    model.generate(batch, max_length=12, stop_token_ids=None)
     cache = next(c.cell_contents for c in model.generate_function.__closure__
                  if isinstance(c.cell_contents, _GraphCache))
     (run,) = cache.compiled.values()
@@ -214,7 +209,17 @@ def test_compiled_generate_never_holds_a_float_copy_of_the_embedding_table(rng):
              [model.fp8.codes.get(i, v.value) for i, v in enumerate(model.trainable_variables)],
              [v.value for v in model.non_trainable_variables])
     inputs = {k: keras.ops.convert_to_tensor(v) for k, v in batch.items()}
-    hlo = run.lower(inputs, state).compile().as_text()
+    return run.lower(inputs, state).compile().as_text()
+
+
+def test_compiled_generate_never_holds_a_float_copy_of_the_embedding_table(rng):
+    """XLA turns `convert(gather(table))` into `gather(convert(table))` and hoists the convert
+    out of the decode loop; the row dequantization must stay where the rewrite put it."""
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None))
+    batch = prompts(rng, 2)
+    model.generate(batch, max_length=12, stop_token_ids=None)
+    hlo = compiled_generate_hlo(model, batch)
     assert "f8e4m3fn[256,32]" in hlo  # the table, as an argument
     for float_type in ("f16", "bf16", "f32", "f64", "u8"):  # nor a byte copy
         assert f" {float_type}[256,32]" not in hlo, [ln for ln in hlo.splitlines() if "[256,32]" in ln][:6]
@@ -238,7 +243,6 @@ def test_decode_loop_updates_the_kv_cache_in_place(rng, monkeypatch, in_place):
     The `in_place=False` case pins that behaviour of this jaxlib (0.10.2): it documents why
     the rewrite exists and may need updating when XLA changes."""
     from fp8xla import graph
-    from fp8xla.keras import _GraphCache
 
     quantize_exported = graph.quantize_exported
     monkeypatch.setattr(graph, "quantize_exported", lambda exp, options: quantize_exported(
@@ -247,14 +251,7 @@ def test_decode_loop_updates_the_kv_cache_in_place(rng, monkeypatch, in_place):
     quantize_model(model, StaticQuantConfig(activation_dtype=None))
     batch = prompts(rng, 2)
     got = model.generate(batch, max_length=12, stop_token_ids=None)
-    cache = next(c.cell_contents for c in model.generate_function.__closure__
-                 if isinstance(c.cell_contents, _GraphCache))
-    (run,) = cache.compiled.values()
-    state = ([v.value for v in model.sampler.variables],
-             [model.fp8.codes.get(i, v.value) for i, v in enumerate(model.trainable_variables)],
-             [v.value for v in model.non_trainable_variables])
-    inputs = {k: keras.ops.convert_to_tensor(v) for k, v in batch.items()}
-    hlo = run.lower(inputs, state).compile().as_text()
+    hlo = compiled_generate_hlo(model, batch)
     copies = _while_body_copies(hlo, "2,12,1,16")  # [batch, length, kv heads, head dim]
     if in_place:
         # 2 layers x (key, value) caches and the generated token ids
