@@ -44,6 +44,12 @@ impl Names {
 
 /// An op with a dictionary of properties.
 pub fn with_props(mut op: Op, props: Vec<(&str, String)>) -> Op {
+    set_props(&mut op, props);
+    op
+}
+
+/// Replaces an op's properties with `props`.
+pub fn set_props(op: &mut Op, props: Vec<(&str, String)>) {
     op.properties = Some(AttrDict {
         entries: props
             .into_iter()
@@ -53,7 +59,6 @@ pub fn with_props(mut op: Op, props: Vec<(&str, String)>) -> Op {
             })
             .collect(),
     });
-    op
 }
 
 /// A per-tensor or per-channel scale.

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::emit::with_props;
+use super::emit::set_props;
 use super::flow::func_name;
 use super::ir::{ElementType, Module, Op, Type};
 use super::loc_json;
@@ -123,8 +123,8 @@ fn supported(op: &Op) -> bool {
 /// The update as the custom call (same operands, types, result and location).
 fn to_custom_call(op: &mut Op) {
     op.name = "stablehlo.custom_call".to_string();
-    *op = with_props(
-        op.clone(),
+    set_props(
+        op,
         vec![
             ("api_version", "4 : i32".to_string()),
             ("backend_config", "{}".to_string()),

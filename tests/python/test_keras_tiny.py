@@ -257,7 +257,7 @@ def test_decode_loop_updates_the_kv_cache_in_place(rng, monkeypatch, in_place):
         # 2 layers x (key, value) caches and the generated token ids
         assert hlo.count('custom_call_target="fp8xla_update_slice"') == 5
         assert copies == 0
-        # and it generates what the same FP8 model does with XLA's own update
+        # and it generates what stock Keras-Hub does on the fake-quantized weights
         ref = fake_quantized_copy(model, model)
         want = ref.generate(batch, max_length=12, stop_token_ids=None)
         np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
