@@ -33,6 +33,12 @@ struct XLA_FFI_Error* fp8xla_observe(struct XLA_FFI_CallFrame* frame);
  * rhs_batching_dims (optional), w_scale (f32, per tensor, unless operand 2 is given),
  * a_scale (optional f32), a_format (optional, default: the weights' format). */
 struct XLA_FFI_Error* fp8xla_matmul(struct XLA_FFI_CallFrame* frame);
+/* lhs: f32, rhs: f32 -> f32 = dot_general(lhs, rhs), for few rows against a large operand
+ * (the larger one, rhs on a tie, is streamed once by GEMV kernels and must be laid out as
+ * [batch dims, free dims, contracting dims, free dims] once its size-1 dims are dropped).
+ * Attributes: lhs_contracting_dims, rhs_contracting_dims (i64 arrays), lhs_batching_dims,
+ * rhs_batching_dims (optional). */
+struct XLA_FFI_Error* fp8xla_dot_f32(struct XLA_FFI_CallFrame* frame);
 /* table: f8e4m3fn|f8e5m2 [rows, ...], indices: s32|s64 [batch...] or [batch..., 1]
  * -> f32|bf16 [batch..., row dims...] = f32(table[clamp(i, 0, rows-1)]) * scale
  * (an embedding lookup); attribute scale. */

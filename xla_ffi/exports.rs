@@ -28,6 +28,7 @@ export_handlers! {
     fp8xla_qdq => handlers::qdq;
     fp8xla_observe => handlers::observe;
     fp8xla_matmul => handlers::matmul;
+    fp8xla_dot_f32 => handlers::dot_f32;
     fp8xla_take => handlers::take;
     fp8xla_update_slice => handlers::update_slice, in_place (0, 0);
 }

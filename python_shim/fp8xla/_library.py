@@ -14,6 +14,7 @@ TARGETS = (
     "fp8xla_qdq",
     "fp8xla_observe",
     "fp8xla_matmul",
+    "fp8xla_dot_f32",
     "fp8xla_take",
     "fp8xla_update_slice",
 )

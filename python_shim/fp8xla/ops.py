@@ -229,14 +229,29 @@ def quantize_weight(w, fmt="e4m3fn", channel_axes=None):
     return codes, np.squeeze(scale, axis=reduce)
 
 
-def _dot_general_shape(lhs_shape, rhs_shape, dimension_numbers):
+def _dot_general_dims(op, lhs, rhs, dimension_numbers):
+    """Checked ``(lc, rc, lb, rb)`` as int tuples (default: last lhs dim with first rhs dim)."""
+    if dimension_numbers is None:
+        dimension_numbers = (((lhs.ndim - 1,), (0,)), ((), ()))
     (lc, rc), (lb, rb) = dimension_numbers
-    for a, b in zip(lc, rc):
-        if lhs_shape[a] != rhs_shape[b]:
-            raise ValueError(
-                f"fp8xla.fp8_matmul: contracting dims differ: lhs dim {a} has size "
-                f"{lhs_shape[a]}, rhs dim {b} has size {rhs_shape[b]}"
-            )
+    lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
+    for name, axes, nd in (("lhs", lc + lb, lhs.ndim), ("rhs", rc + rb, rhs.ndim)):
+        if any(not 0 <= a < nd for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"fp8xla.{op}: bad {name} dims {axes} for rank {nd}")
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ValueError(f"fp8xla.{op}: lhs and rhs need as many contracting and batch dims")
+    return lc, rc, lb, rb
+
+
+def _dot_general_shape(op, lhs_shape, rhs_shape, dimension_numbers):
+    (lc, rc), (lb, rb) = dimension_numbers
+    for kind, la, ra in (("contracting", lc, rc), ("batch", lb, rb)):
+        for a, b in zip(la, ra):
+            if lhs_shape[a] != rhs_shape[b]:
+                raise ValueError(
+                    f"fp8xla.{op}: {kind} dims differ: lhs dim {a} has size "
+                    f"{lhs_shape[a]}, rhs dim {b} has size {rhs_shape[b]}"
+                )
     batch = [lhs_shape[a] for a in lb]
     lhs_free = [lhs_shape[a] for a in range(len(lhs_shape)) if a not in lc and a not in lb]
     rhs_free = [rhs_shape[a] for a in range(len(rhs_shape)) if a not in rc and a not in rb]
@@ -263,14 +278,8 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
         raise TypeError(
             f"fp8xla.fp8_matmul: `rhs` must be float8_e4m3fn or float8_e5m2, got {rhs.dtype}"
         ) from None
-    if dimension_numbers is None:
-        dimension_numbers = (((lhs.ndim - 1,), (0,)), ((), ()))
-    (lc, rc), (lb, rb) = dimension_numbers
-    lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
-    for name, axes, nd in (("lhs", lc + lb, lhs.ndim), ("rhs", rc + rb, rhs.ndim)):
-        if any(not 0 <= a < nd for a in axes) or len(set(axes)) != len(axes):
-            raise ValueError(f"fp8xla.fp8_matmul: bad {name} dims {axes} for rank {nd}")
-    shape, channels = _dot_general_shape(lhs.shape, rhs.shape, ((lc, rc), (lb, rb)))
+    lc, rc, lb, rb = _dot_general_dims("fp8_matmul", lhs, rhs, dimension_numbers)
+    shape, channels = _dot_general_shape("fp8_matmul", lhs.shape, rhs.shape, ((lc, rc), (lb, rb)))
     out_dtype = np.dtype(out_dtype or lhs.dtype)
     if out_dtype not in _FLOAT_INPUTS:
         raise TypeError(f"fp8xla.fp8_matmul: `out_dtype` must be float32 or bfloat16, got {out_dtype}")
@@ -306,3 +315,24 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
         operands.append(w_scale.reshape(-1))
     out = jax.ShapeDtypeStruct(shape, out_dtype)
     return jax.ffi.ffi_call("fp8xla_matmul", out)(*operands, **attrs)
+
+
+def dot_f32(lhs, rhs, dimension_numbers=None):
+    """``jax.lax.dot_general`` of two float32 arrays by the GEMV kernels (``fp8xla_dot_f32``):
+    for few rows against a large operand, read once (attention over a KV cache in a decode
+    step). The larger operand must be ``[batch, free, contracting, free]`` once its size-1
+    dims are dropped. ``dimension_numbers`` as in ``fp8_matmul``."""
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if x.dtype != np.float32:
+            raise TypeError(f"fp8xla.dot_f32: `{name}` must be float32, got {x.dtype}")
+    lc, rc, lb, rb = _dot_general_dims("dot_f32", lhs, rhs, dimension_numbers)
+    shape, _ = _dot_general_shape("dot_f32", lhs.shape, rhs.shape, ((lc, rc), (lb, rb)))
+    out = jax.ShapeDtypeStruct(shape, np.float32)
+    return jax.ffi.ffi_call("fp8xla_dot_f32", out)(
+        lhs, rhs,
+        lhs_contracting_dims=np.array(lc, np.int64),
+        rhs_contracting_dims=np.array(rc, np.int64),
+        lhs_batching_dims=np.array(lb, np.int64),
+        rhs_batching_dims=np.array(rb, np.int64),
+    )

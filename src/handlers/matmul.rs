@@ -34,9 +34,9 @@ pub(crate) struct Plan {
     row_offsets: Vec<usize>,
     k_offsets: Vec<usize>,
     /// Weight shape as `[batch, outer, k, inner]`.
-    outer: usize,
-    k: usize,
-    inner: usize,
+    pub(crate) outer: usize,
+    pub(crate) k: usize,
+    pub(crate) inner: usize,
     /// Expected result shape.
     out_dims: Vec<i64>,
     /// The rhs free dims (output channels), in output order, with their sizes.
@@ -44,17 +44,17 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn batch(&self) -> usize {
+    pub(crate) fn batch(&self) -> usize {
         self.batch_offsets.len()
     }
-    fn m(&self) -> usize {
+    pub(crate) fn m(&self) -> usize {
         self.row_offsets.len()
     }
-    fn n(&self) -> usize {
+    pub(crate) fn n(&self) -> usize {
         self.outer * self.inner
     }
     /// Whether the lhs already is a contiguous `[batch, m, k]` array.
-    fn lhs_is_packed(&self) -> bool {
+    pub(crate) fn lhs_is_packed(&self) -> bool {
         let (m, k) = (self.m(), self.k);
         self.k_offsets.iter().enumerate().all(|(i, &o)| o == i)
             && self
@@ -94,7 +94,7 @@ fn offsets(axes: &[usize], dims: &[usize], strides: &[usize]) -> Vec<usize> {
     out
 }
 
-fn check_axes(what: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>, FfiError> {
+pub(crate) fn check_axes(what: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>, FfiError> {
     let mut seen = vec![false; rank];
     axes.iter()
         .map(|&a| {
@@ -264,7 +264,7 @@ fn per_channel_scales(
 }
 
 /// Gathers the lhs into a packed float32 `[batch, m, k]` panel.
-fn pack_lhs<T: Copy>(plan: &Plan, lhs: &[T], to_f32: impl Fn(T) -> f32) -> Vec<f32> {
+pub(crate) fn pack_lhs<T: Copy>(plan: &Plan, lhs: &[T], to_f32: impl Fn(T) -> f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(plan.batch() * plan.m() * plan.k);
     for &b in &plan.batch_offsets {
         for &r in &plan.row_offsets {

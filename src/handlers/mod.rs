@@ -3,12 +3,15 @@
 //! Error messages name the operand or attribute, what was expected and what came; the
 //! custom-call name is prefixed by `xla_ffi`.
 
+mod dot_f32;
 mod elementwise;
 mod matmul;
 pub mod observer;
 mod take;
 mod update_slice;
 
+pub use dot_f32::dot_f32;
+pub(crate) use dot_f32::{dot_plan, Side as DotSide};
 pub use elementwise::{dequantize, qdq, quantize};
 pub use matmul::matmul;
 pub use observer::observe;

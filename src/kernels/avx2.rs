@@ -74,6 +74,30 @@ impl Avx2 {
     ) {
         unreachable!()
     }
+    pub(super) fn kn_rows_f32(
+        self,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!()
+    }
+    pub(super) fn gemv_nk_f32(
+        self,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+    ) {
+        unreachable!()
+    }
     pub(super) fn pack_kn(self, _: Format, _: &[u8], _: usize, _: usize, _: &mut [f32]) {
         unreachable!()
     }
@@ -146,7 +170,7 @@ impl Avx2 {
         };
         if !exact {
             // e4m3fn NaN codes, which the fast conversion does not decode: redo it exactly.
-            super::scalar::kn_rows(tab, lhs, ls, rows, kr, w, ncols, acc);
+            super::scalar::kn_rows(|q: u8| tab[q as usize], lhs, ls, rows, kr, w, ncols, acc);
         }
     }
 
@@ -185,6 +209,63 @@ impl Avx2 {
             match fmt {
                 Format::E4m3fn => go!(false),
                 Format::E5m2 => go!(true),
+            }
+        }
+    }
+
+    /// `scalar::kn_rows` for float32 weights.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn kn_rows_f32(
+        self,
+        lhs: &[f32],
+        ls: usize,
+        rows: usize,
+        kr: usize,
+        w: &[f32],
+        ncols: usize,
+        acc: &mut [f32],
+    ) {
+        assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
+        assert!(lhs.len() >= (rows - 1) * ls + kr && w.len() >= kr * ncols);
+        assert!(acc.len() >= rows * ncols);
+        let (l, wp, a) = (lhs.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
+        // SAFETY: the token proves AVX2/FMA; the asserts above bound every access
+        // `kn_rows_f32_impl` makes: lhs `r*ls + kk`, weights `kk*ncols + c`, acc `r*ncols + c`,
+        // for `r < rows`, `kk < kr`, `c < ncols`.
+        unsafe {
+            match rows {
+                1 => kn_rows_f32_impl::<1>(l, ls, kr, wp, ncols, a),
+                2 => kn_rows_f32_impl::<2>(l, ls, kr, wp, ncols, a),
+                3 => kn_rows_f32_impl::<3>(l, ls, kr, wp, ncols, a),
+                _ => kn_rows_f32_impl::<4>(l, ls, kr, wp, ncols, a),
+            }
+        }
+    }
+
+    /// `super::scalar::gemv_nk` for float32 weights (no column factor).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemv_nk_f32(
+        self,
+        lhs: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[f32],
+        ncols: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        assert!((1..=4).contains(&rows) && k >= 1);
+        assert!(lhs.len() >= rows * k && w.len() >= ncols * k);
+        assert!(out.len() >= (rows - 1) * os + ncols);
+        let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        // SAFETY: the token proves AVX2/FMA; the asserts above bound every access
+        // `nk_f32_impl` makes: lhs `r*k + kk`, weights `c*k + kk`, out `r*os + c`.
+        unsafe {
+            match rows {
+                1 => nk_f32_impl::<1, 4>(l, k, wp, ncols, o, os),
+                2 => nk_f32_impl::<2, 2>(l, k, wp, ncols, o, os),
+                3 => nk_f32_impl::<3, 1>(l, k, wp, ncols, o, os),
+                _ => nk_f32_impl::<4, 1>(l, k, wp, ncols, o, os),
             }
         }
     }
@@ -586,6 +667,134 @@ unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
         }
     }
     true
+}
+
+/// The body of `Avx2::kn_rows_f32`: two weight rows per pass (each accumulator is loaded and
+/// stored once per two rows), 8 columns per step, the last columns one by one; every weight
+/// row is read front to back.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kn_rows_f32_impl<const R: usize>(
+    lhs: *const f32,
+    ls: usize,
+    kr: usize,
+    w: *const f32,
+    ncols: usize,
+    acc: *mut f32,
+) {
+    for i in 0..R * ncols {
+        *acc.add(i) = 0.0;
+    }
+    let c8 = ncols - ncols % 8;
+    let mut kk = 0;
+    while kk + 2 <= kr {
+        let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        for (r, a) in a.iter_mut().enumerate() {
+            *a = [
+                _mm256_set1_ps(*lhs.add(r * ls + kk)),
+                _mm256_set1_ps(*lhs.add(r * ls + kk + 1)),
+            ];
+        }
+        let mut c = 0;
+        while c < c8 {
+            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(c + KN_PREFETCH_BYTES / 4) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p1.wrapping_add(c + KN_PREFETCH_BYTES / 4) as *const i8);
+            let (v0, v1) = (_mm256_loadu_ps(p0.add(c)), _mm256_loadu_ps(p1.add(c)));
+            for (r, a) in a.iter().enumerate() {
+                let q = acc.add(r * ncols + c);
+                let s = _mm256_fmadd_ps(a[0], v0, _mm256_loadu_ps(q));
+                _mm256_storeu_ps(q, _mm256_fmadd_ps(a[1], v1, s));
+            }
+            c += 8;
+        }
+        kn_row_tail_f32::<R>(lhs.add(kk), ls, p0, c8, ncols, acc);
+        kn_row_tail_f32::<R>(lhs.add(kk + 1), ls, p1, c8, ncols, acc);
+        kk += 2;
+    }
+    if kk < kr {
+        kn_row_tail_f32::<R>(lhs.add(kk), ls, w.add(kk * ncols), 0, ncols, acc);
+    }
+}
+
+/// Columns `from..ncols` of one weight row `p` (times `lhs[r*ls]` for each row r) into `acc`:
+/// 8 at a time, then one by one.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kn_row_tail_f32<const R: usize>(
+    lhs: *const f32,
+    ls: usize,
+    p: *const f32,
+    from: usize,
+    ncols: usize,
+    acc: *mut f32,
+) {
+    let mut c = from;
+    while c + 8 <= ncols {
+        let v = _mm256_loadu_ps(p.add(c));
+        for r in 0..R {
+            let q = acc.add(r * ncols + c);
+            let a = _mm256_set1_ps(*lhs.add(r * ls));
+            _mm256_storeu_ps(q, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(q)));
+        }
+        c += 8;
+    }
+    for c in c..ncols {
+        for r in 0..R {
+            *acc.add(r * ncols + c) += *lhs.add(r * ls) * *p.add(c);
+        }
+    }
+}
+
+/// The body of `Avx2::gemv_nk_f32`: blocks of `C` columns (contiguous weight rows), 16 depths
+/// per step into two accumulators per row and column, the last depths one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nk_f32_impl<const R: usize, const C: usize>(
+    lhs: *const f32,
+    k: usize,
+    w: *const f32,
+    ncols: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let k16 = k - k % 16;
+    let mut c0 = 0;
+    while c0 < ncols {
+        // A full block of C columns, or the last columns one at a time.
+        let cols = if c0 + C <= ncols { C } else { 1 };
+        let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        let mut pf = w.wrapping_add(c0 * k + NK_PREFETCH_BYTES / 4);
+        let mut kk = 0;
+        while kk < k16 {
+            // The block's columns are contiguous and each step consumes one 64-byte line of
+            // each: sweep as many prefetch lines, a fixed distance ahead.
+            for _ in 0..cols {
+                _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+                pf = pf.wrapping_add(16);
+            }
+            for ci in 0..cols {
+                let p = w.add((c0 + ci) * k + kk);
+                let (lo, hi) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = lhs.add(r * k + kk);
+                    acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
+                    acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
+                }
+            }
+            kk += 16;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (ci, acc) in acc.iter().enumerate().take(cols) {
+                let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+                for kk in k16..k {
+                    s += *lhs.add(r * k + kk) * *w.add((c0 + ci) * k + kk);
+                }
+                *out.add(r * os + c0 + ci) = s;
+            }
+        }
+        c0 += cols;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -1,4 +1,4 @@
-//! Compute kernels (FP8 matmul).
+//! Compute kernels: the FP8 matmul, and float32 GEMVs for decode-shaped float32 products.
 //!
 //! `out = lhs · (f32(decode(w)) · scale)` with f32 accumulation, for FP8 weights stored as
 //! `[batch, outer, k, inner]`. Two strategies, picked by the number of lhs rows:
@@ -131,15 +131,8 @@ pub fn fp8_matmul_with(
         out.fill(0.0);
         return;
     }
-    let bk = match isa {
-        Isa::Scalar => Backend::Scalar,
-        Isa::Avx2 | Isa::Avx512 => match avx2::Avx2::new() {
-            Some(t) => Backend::Avx2(t),
-            None => Backend::Scalar,
-        },
-    };
     let p = Problem {
-        bk,
+        bk: Backend::for_isa(isa),
         fmt: w.format,
         lhs,
         m,
@@ -158,6 +151,105 @@ pub fn fp8_matmul_with(
     }
 }
 
+/// Float32 weights of logical shape `[batch, outer, k, inner]`, row-major: the layout of
+/// [`Fp8Weights`], for products whose large operand is a float32 tensor (in a decode step,
+/// attention over the KV cache: `[positions, head_dim]` read once per step).
+#[derive(Clone, Copy, Debug)]
+pub struct F32Weights<'a> {
+    pub data: &'a [f32],
+    pub batch: usize,
+    pub outer: usize,
+    pub k: usize,
+    pub inner: usize,
+}
+
+/// `out = lhs · w` in float32 with the GEMV kernels, using the best kernels of this CPU.
+///
+/// Shapes as for [`fp8_matmul`]. The weights are streamed once per group of up to
+/// `GEMV_MAX_M` lhs rows: made for a few rows against a large `w` (the kernels read `w` front
+/// to back in both layouts, so a KN operand needs no transposed copy).
+pub fn f32_matmul(par: &dyn Parallel, lhs: &[f32], m: usize, w: &F32Weights, out: &mut [f32]) {
+    f32_matmul_with(Isa::detect(), par, lhs, m, w, out)
+}
+
+/// Same as [`f32_matmul`] with an explicit instruction-set level (supported by this CPU).
+pub fn f32_matmul_with(
+    isa: Isa,
+    par: &dyn Parallel,
+    lhs: &[f32],
+    m: usize,
+    w: &F32Weights,
+    out: &mut [f32],
+) {
+    let (batch, outer, k, inner) = (w.batch, w.outer, w.k, w.inner);
+    let prod = |xs: &[usize]| {
+        xs.iter()
+            .try_fold(1usize, |a, &x| a.checked_mul(x))
+            .expect("f32_matmul: size overflows")
+    };
+    let (n, per_batch) = (prod(&[outer, inner]), prod(&[outer, k, inner]));
+    assert_eq!(
+        w.data.len(),
+        prod(&[batch, per_batch]),
+        "f32_matmul: weight length"
+    );
+    assert_eq!(lhs.len(), prod(&[batch, m, k]), "f32_matmul: lhs length");
+    assert_eq!(out.len(), prod(&[batch, m, n]), "f32_matmul: out length");
+    assert!(
+        isa <= Isa::supported(),
+        "f32_matmul: {} is not supported by this CPU",
+        isa.name()
+    );
+    if out.is_empty() {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let bk = Backend::for_isa(isa);
+    for b in 0..batch {
+        let wb = &w.data[b * per_batch..(b + 1) * per_batch];
+        for r0 in (0..m).step_by(GEMV_MAX_M) {
+            let r1 = (r0 + GEMV_MAX_M).min(m);
+            let rows = r1 - r0;
+            let g = GemvShape {
+                lhs: &lhs[(b * m + r0) * k..(b * m + r1) * k],
+                batch: 1,
+                m: rows,
+                k,
+                outer,
+                inner,
+                n,
+                bytes: per_batch * std::mem::size_of::<f32>(),
+            };
+            let dst = &mut out[(b * m + r0) * n..(b * m + r1) * n];
+            if inner == 1 {
+                gemv_nk_columns(&g, par, dst, &|_, cols, lhs, dst, os| {
+                    let w = &wb[cols.start * k..cols.end * k];
+                    match bk {
+                        Backend::Scalar => {
+                            scalar::gemv_nk(|x| x, lhs, rows, k, w, cols.len(), dst, os, Mul::ONE)
+                        }
+                        Backend::Avx2(t) => t.gemv_nk_f32(lhs, rows, k, w, cols.len(), dst, os),
+                    }
+                });
+            } else {
+                let kernel = |s: usize, kr: Range<usize>, lhs: &[f32], acc: &mut [f32]| {
+                    let w = &wb[(s * k + kr.start) * inner..(s * k + kr.end) * inner];
+                    match bk {
+                        Backend::Scalar => {
+                            scalar::kn_rows(|x| x, lhs, k, rows, kr.len(), w, inner, acc)
+                        }
+                        Backend::Avx2(t) => t.kn_rows_f32(lhs, k, rows, kr.len(), w, inner, acc),
+                    }
+                };
+                gemv_kn_slabs(&g, par, dst, &kernel, &|_, _| Mul::ONE);
+            }
+        }
+    }
+}
+
 /// Which kernel family runs.
 #[derive(Clone, Copy)]
 pub(crate) enum Backend {
@@ -166,6 +258,17 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
+    /// The kernels of `isa` (levels without dedicated kernels use the next lower ones).
+    fn for_isa(isa: Isa) -> Backend {
+        match isa {
+            Isa::Scalar => Backend::Scalar,
+            Isa::Avx2 | Isa::Avx512 => match avx2::Avx2::new() {
+                Some(t) => Backend::Avx2(t),
+                None => Backend::Scalar,
+            },
+        }
+    }
+
     /// The table of weight values in this backend's domain, and the factor back to real values.
     fn domain(self, fmt: Format) -> (&'static [f32; 256], f32) {
         match (self, fmt) {
@@ -199,6 +302,13 @@ pub(crate) struct Mul<'a> {
 }
 
 impl<'a> Mul<'a> {
+    /// Leaves the sums as they are.
+    const ONE: Mul<'static> = Mul {
+        unit: 1.0,
+        per: None,
+        tensor: 1.0,
+    };
+
     #[inline]
     fn at(&self, c: usize) -> f32 {
         match self.per {
@@ -245,6 +355,27 @@ impl<'a> Problem<'a> {
     }
 }
 
+/// What the GEMV drivers need of a problem; the kernels that touch the weights come as
+/// closures, so FP8 and float32 weights share the task splitting.
+struct GemvShape<'a> {
+    lhs: &'a [f32],
+    batch: usize,
+    m: usize,
+    k: usize,
+    outer: usize,
+    inner: usize,
+    n: usize,
+    /// Size of all the weights in bytes (decides the number of tasks).
+    bytes: usize,
+}
+
+/// Writes `out[r*os + (c - cols.start)]` for the rows `r < m` and the columns `cols` of batch
+/// `b`, given that batch's lhs rows.
+type NkKernel<'a> = dyn Fn(usize, Range<usize>, &[f32], &mut [f32], usize) + Sync + 'a;
+/// Sets `acc[r*inner + c]` to the partial sums over the weight rows `rows` of slab `s`, given
+/// the lhs of the slab's batch from column `rows.start` on (row stride `k`).
+type KnKernel<'a> = dyn Fn(usize, Range<usize>, &[f32], &mut [f32]) + Sync + 'a;
+
 /// One GEMV task: batch `b`, output columns `c0..c1`.
 struct ColTask {
     b: usize,
@@ -263,20 +394,62 @@ fn gemv_tasks(par: &dyn Parallel, bytes: usize, m: usize) -> usize {
 }
 
 fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
-    if p.inner == 1 {
-        gemv_nk_columns(p, par, out)
+    let g = GemvShape {
+        lhs: p.lhs,
+        batch: p.batch,
+        m: p.m,
+        k: p.k,
+        outer: p.outer,
+        inner: p.inner,
+        n: p.n,
+        bytes: p.w.len(),
+    };
+    let (m, k, inner) = (p.m, p.k, p.inner);
+    if inner == 1 {
+        gemv_nk_columns(&g, par, out, &|b, cols, lhs, dst, os| {
+            let wb = p.weights(b);
+            let w = &wb[cols.start * k..cols.end * k];
+            let mul = p.mul(b, cols.start);
+            match p.bk {
+                Backend::Scalar => {
+                    let tab = table(p.fmt);
+                    let dec = |q: u8| tab[q as usize];
+                    scalar::gemv_nk(dec, lhs, m, k, w, cols.len(), dst, os, mul)
+                }
+                Backend::Avx2(t) => t.gemv_nk(p.fmt, lhs, m, k, w, cols.len(), dst, os, mul),
+            }
+        })
     } else {
-        gemv_kn_slabs(p, par, out)
+        let slab = |s: usize, rows: &Range<usize>| {
+            &p.w[(s * k + rows.start) * inner..(s * k + rows.end) * inner]
+        };
+        gemv_kn_slabs(
+            &g,
+            par,
+            out,
+            &|s, rows, lhs, acc| {
+                let w = slab(s, &rows);
+                match p.bk {
+                    Backend::Scalar => {
+                        let tab = table(p.fmt);
+                        let dec = |q: u8| tab[q as usize];
+                        scalar::kn_rows(dec, lhs, k, m, rows.len(), w, inner, acc)
+                    }
+                    Backend::Avx2(t) => t.kn_rows(p.fmt, lhs, k, m, rows.len(), w, inner, acc),
+                }
+            },
+            &|b, c0| p.mul(b, c0),
+        )
     }
 }
 
 /// NK weights: each task takes a range of output columns, i.e. of contiguous weight rows.
-fn gemv_nk_columns(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
-    let (m, n, k) = (p.m, p.n, p.k);
-    let want = gemv_tasks(par, p.w.len(), m);
-    let per_batch = want.div_ceil(p.batch).max(1);
+fn gemv_nk_columns(g: &GemvShape, par: &dyn Parallel, out: &mut [f32], kernel: &NkKernel) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    let want = gemv_tasks(par, g.bytes, m);
+    let per_batch = want.div_ceil(g.batch).max(1);
     let mut tasks = Vec::new();
-    for b in 0..p.batch {
+    for b in 0..g.batch {
         for r in split_range(n, per_batch, 8) {
             tasks.push(ColTask {
                 b,
@@ -286,22 +459,8 @@ fn gemv_nk_columns(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
         }
     }
     let compute = |t: &ColTask, dst: &mut [f32]| {
-        let os = t.c1 - t.c0;
-        let lhs = &p.lhs[t.b * m * k..(t.b + 1) * m * k];
-        let wb = p.weights(t.b);
-        let mul = p.mul(t.b, t.c0);
-        gemv_nk(
-            p.bk,
-            p.fmt,
-            lhs,
-            m,
-            k,
-            &wb[t.c0 * k..t.c1 * k],
-            os,
-            dst,
-            os,
-            mul,
-        );
+        let lhs = &g.lhs[t.b * m * k..(t.b + 1) * m * k];
+        kernel(t.b, t.c0..t.c1, lhs, dst, t.c1 - t.c0);
     };
     if m == 1 {
         // Each task writes a contiguous piece of `out`.
@@ -338,14 +497,21 @@ fn gemv_nk_columns(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
 
 /// KN weights (`[batch, outer, k, inner]` with `inner > 1`): every `(b, o)` slab is `k` rows
 /// of `inner` output columns. Tasks take row ranges of a slab, so each streams one contiguous
-/// piece of memory front to back, and their partial sums are added up at the end. (Walking
-/// column blocks down the rows instead reads one cache line per row at a stride of `inner`
-/// bytes, which the memory system serves at about a third of the speed: 1.2-2.0 against
-/// 4.7-5.6 GB/s on one core, measured from DRAM on Gemma3-270M's shapes.)
-fn gemv_kn_slabs(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
-    let (m, n, k, inner) = (p.m, p.n, p.k, p.inner);
-    let slabs = p.batch * p.outer;
-    let chunks = gemv_tasks(par, p.w.len(), m).div_ceil(slabs).clamp(1, k);
+/// piece of memory front to back, and their partial sums are added up at the end, times
+/// `mul(b, first column of the slab)`. (Walking column blocks down the rows instead reads one
+/// cache line per row at a stride of `inner` bytes, which the memory system serves at about a
+/// third of the speed: 1.2-2.0 against 4.7-5.6 GB/s on one core, measured from DRAM on
+/// Gemma3-270M's shapes.)
+fn gemv_kn_slabs<'a>(
+    g: &GemvShape,
+    par: &dyn Parallel,
+    out: &mut [f32],
+    kernel: &KnKernel,
+    mul: &dyn Fn(usize, usize) -> Mul<'a>,
+) {
+    let (m, n, k, inner) = (g.m, g.n, g.k, g.inner);
+    let slabs = g.batch * g.outer;
+    let chunks = gemv_tasks(par, g.bytes, m).div_ceil(slabs).clamp(1, k);
     let ranges = split_range(k, chunks, 1);
     let tasks: Vec<(usize, Range<usize>)> = (0..slabs)
         .flat_map(|s| ranges.iter().map(move |r| (s, r.clone())))
@@ -353,16 +519,10 @@ fn gemv_kn_slabs(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
     let partials: Vec<Mutex<Vec<f32>>> = tasks.iter().map(|_| Mutex::new(Vec::new())).collect();
     par.run(tasks.len(), &|i| {
         let (s, ref kr) = tasks[i];
-        let b = s / p.outer;
-        let lhs = &p.lhs[b * m * k + kr.start..(b + 1) * m * k];
-        let w = &p.w[(s * k + kr.start) * inner..(s * k + kr.end) * inner];
+        let b = s / g.outer;
+        let lhs = &g.lhs[b * m * k + kr.start..(b + 1) * m * k];
         let mut acc = vec![0.0f32; m * inner];
-        match p.bk {
-            Backend::Scalar => {
-                scalar::kn_rows(table(p.fmt), lhs, k, m, kr.len(), w, inner, &mut acc)
-            }
-            Backend::Avx2(t) => t.kn_rows(p.fmt, lhs, k, m, kr.len(), w, inner, &mut acc),
-        }
+        kernel(s, kr.clone(), lhs, &mut acc);
         *partials[i].lock().unwrap_or_else(|e| e.into_inner()) = acc;
     });
     let partials: Vec<Vec<f32>> = partials
@@ -370,8 +530,8 @@ fn gemv_kn_slabs(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
         .map(|x| x.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect();
     for (s, parts) in partials.chunks(ranges.len()).enumerate() {
-        let (b, o) = (s / p.outer, s % p.outer);
-        let mul = p.mul(b, o * inner);
+        let (b, o) = (s / g.outer, s % g.outer);
+        let mul = mul(b, o * inner);
         for r in 0..m {
             let dst = &mut out[(b * m + r) * n + o * inner..][..inner];
             dst.copy_from_slice(&parts[0][r * inner..(r + 1) * inner]);
@@ -384,28 +544,6 @@ fn gemv_kn_slabs(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
                 *d *= mul.at(c);
             }
         }
-    }
-}
-
-/// NK GEMV: `out[r*os + c] = mul(c) * sum_kk lhs[r*k + kk] * w[c*k + kk]`.
-#[allow(clippy::too_many_arguments)]
-fn gemv_nk(
-    bk: Backend,
-    fmt: Format,
-    lhs: &[f32],
-    rows: usize,
-    k: usize,
-    w: &[u8],
-    ncols: usize,
-    out: &mut [f32],
-    os: usize,
-    mul: Mul,
-) {
-    assert!(lhs.len() >= rows * k && w.len() >= ncols * k);
-    assert!(out.len() >= (rows - 1) * os + ncols);
-    match bk {
-        Backend::Scalar => scalar::gemv_nk(table(fmt), lhs, rows, k, w, ncols, out, os, mul),
-        Backend::Avx2(t) => t.gemv_nk(fmt, lhs, rows, k, w, ncols, out, os, mul),
     }
 }
 

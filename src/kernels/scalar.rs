@@ -1,15 +1,16 @@
-//! Portable kernels: table decode, plain loops. Bounds are checked by the callers.
+//! Portable kernels: plain loops over decoded weights (through an FP8 table, or float32 as
+//! is). Bounds are checked by the callers.
 use super::{Mul, NR};
 
-/// `acc[r*ncols + c] = sum_kk lhs[r*ls + kk] * tab[w[kk*ncols + c]]` for `kk < kr`.
+/// `acc[r*ncols + c] = sum_kk lhs[r*ls + kk] * dec(w[kk*ncols + c])` for `kk < kr`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn kn_rows(
-    tab: &[f32; 256],
+pub(super) fn kn_rows<T: Copy>(
+    dec: impl Fn(T) -> f32,
     lhs: &[f32],
     ls: usize,
     rows: usize,
     kr: usize,
-    w: &[u8],
+    w: &[T],
     ncols: usize,
     acc: &mut [f32],
 ) {
@@ -20,19 +21,20 @@ pub(super) fn kn_rows(
             let a = lhs[r * ls + kk];
             let row = &w[kk * ncols..(kk + 1) * ncols];
             for (o, &q) in acc.iter_mut().zip(row) {
-                *o += a * tab[q as usize];
+                *o += a * dec(q);
             }
         }
     }
 }
 
+/// `out[r*os + c] = mul(c) * sum_kk lhs[r*k + kk] * dec(w[c*k + kk])`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemv_nk(
-    tab: &[f32; 256],
+pub(super) fn gemv_nk<T: Copy>(
+    dec: impl Fn(T) -> f32,
     lhs: &[f32],
     rows: usize,
     k: usize,
-    w: &[u8],
+    w: &[T],
     ncols: usize,
     out: &mut [f32],
     os: usize,
@@ -46,13 +48,13 @@ pub(super) fn gemv_nk(
             let mut ch = col.chunks_exact(4).zip(a.chunks_exact(4));
             for (q, x) in &mut ch {
                 for t in 0..4 {
-                    acc[t] += x[t] * tab[q[t] as usize];
+                    acc[t] += x[t] * dec(q[t]);
                 }
             }
             let tail = k - k % 4;
             let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
             for kk in tail..k {
-                s += a[kk] * tab[col[kk] as usize];
+                s += a[kk] * dec(col[kk]);
             }
             out[r * os + c] = s * mul.at(c);
         }

@@ -321,3 +321,137 @@ fn logits_gemv() {
         5,
     );
 }
+
+/// `f32_matmul` against a float64 triple loop, on every ISA, from a NaN-poisoned output.
+fn check_f32(
+    m: usize,
+    batch: usize,
+    outer: usize,
+    k: usize,
+    inner: usize,
+    threads: usize,
+    seed: u64,
+) {
+    let mut rng = Rng(seed);
+    let n = outer * inner;
+    let lhs: Vec<f32> = (0..batch * m * k).map(|_| rng.f32(-1.0, 1.0)).collect();
+    let w: Vec<f32> = (0..batch * outer * k * inner)
+        .map(|_| rng.f32(-2.0, 2.0))
+        .collect();
+    let mut want = vec![0.0f64; batch * m * n];
+    for b in 0..batch {
+        for r in 0..m {
+            for o in 0..outer {
+                for i in 0..inner {
+                    want[(b * m + r) * n + o * inner + i] = (0..k)
+                        .map(|kk| {
+                            lhs[(b * m + r) * k + kk] as f64
+                                * w[((b * outer + o) * k + kk) * inner + i] as f64
+                        })
+                        .sum();
+                }
+            }
+        }
+    }
+    let weights = F32Weights {
+        data: &w,
+        batch,
+        outer,
+        k,
+        inner,
+    };
+    let case = Case {
+        m,
+        batch,
+        outer,
+        k,
+        inner,
+        fmt: Format::E4m3fn,
+        per_channel: false,
+        threads,
+    };
+    for isa in Isa::all_supported() {
+        let mut out = vec![f32::NAN; want.len()];
+        if threads > 1 {
+            f32_matmul_with(isa, &ScopedThreads(threads), &lhs, m, &weights, &mut out);
+        } else {
+            f32_matmul_with(isa, &Serial, &lhs, m, &weights, &mut out);
+        }
+        compare(&case, &out, &want, &format!("f32 {}", isa.name()));
+    }
+}
+
+#[test]
+fn f32_gemv_awkward_shapes() {
+    let mut seed = 500;
+    for m in [0, 1, 2, 3, 4, 5, 9] {
+        for k in [0, 1, 2, 15, 16, 17, 33] {
+            // KN with vector tails, NK with odd column counts, per-head layouts.
+            for (outer, inner) in [(1, 7), (1, 8), (1, 41), (31, 1), (5, 1), (3, 5), (2, 9)] {
+                seed += 1;
+                let batch = [1, 2, 0][seed as usize % 3];
+                check_f32(m, batch, outer, k, inner, 1 + 2 * (seed as usize % 2), seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_gemv_attention_shapes() {
+    // Gemma3-270M decode: scores `q[4, 256] . keys[640, 256]` (NK) and the weighted sum
+    // `p[4, 640] . values[640, 256]` (KN), large enough to take several tasks.
+    for (m, outer, k, inner) in [
+        (4, 640, 256, 1),
+        (4, 1, 640, 256),
+        (1, 640, 256, 1),
+        (3, 1, 640, 256),
+    ] {
+        for threads in [1, 2] {
+            check_f32(m, 1, outer, k, inner, threads, (m * 7 + threads) as u64);
+        }
+    }
+}
+
+#[test]
+fn f32_gemv_propagates_nan_and_inf() {
+    // One non-finite weight poisons exactly the outputs that read it, in both layouts.
+    for (outer, k, inner) in [(37, 50, 1), (1, 50, 37)] {
+        let (m, n) = (3, outer * inner);
+        let lhs = vec![0.5f32; m * k];
+        for isa in Isa::all_supported() {
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut w = vec![0.25f32; outer * k * inner];
+                // Column 5 at depth 7 (a vector lane in NK, inside a vector step in KN).
+                let at = if inner == 1 { 5 * k + 7 } else { 7 * inner + 5 };
+                w[at] = bad;
+                let weights = F32Weights {
+                    data: &w,
+                    batch: 1,
+                    outer,
+                    k,
+                    inner,
+                };
+                let mut out = vec![0.0f32; m * n];
+                f32_matmul_with(isa, &Serial, &lhs, m, &weights, &mut out);
+                for r in 0..m {
+                    for c in 0..n {
+                        let v = out[r * n + c];
+                        if c == 5 {
+                            assert!(
+                                if bad.is_nan() {
+                                    v.is_nan()
+                                } else {
+                                    v == f32::INFINITY
+                                },
+                                "{} {outer}x{k}x{inner}: out[{r},{c}] = {v}",
+                                isa.name()
+                            );
+                        } else {
+                            assert_eq!(v, 0.125 * k as f32, "{} out[{r},{c}]", isa.name());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

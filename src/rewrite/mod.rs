@@ -31,6 +31,8 @@
 //!   "skip_args": [2],
 //!   "strict": false,
 //!   "update_slices_in_place": true,
+//!   "decode_dots": true,
+//!   "decode_dots_min_bytes": 65536,
 //!   "entry": "main",
 //!   "args": [{"index": 5, "path": "decoder_block_0/attention/query/kernel"}]
 //! }
@@ -48,6 +50,9 @@
 //! - `strict`: error instead of dequantizing a whole weight at a use the pass cannot keep FP8.
 //! - `update_slices_in_place` (default `true`): see [`inplace`] (KV-cache updates of a decode
 //!   loop become the in-place `fp8xla_update_slice`).
+//! - `decode_dots` (default `true`): see [`decode_dot`] (float32 products of a few rows with a
+//!   large operand, such as attention over the KV cache, become `fp8xla_dot_f32`);
+//!   `decode_dots_min_bytes` (default 65536): the least size of that large operand.
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
 //!
 //! Sites are the `dot_general` ops with a weight operand, numbered in pre-order over the module
@@ -71,7 +76,10 @@
 //! - any other use: `convert` + `multiply` by the scale inserted at that use;
 //! - each `dynamic_update_slice` in a `while` body whose operand is a value the loop carries →
 //!   `"stablehlo.custom_call"(same operands) <{api_version = 4 : i32, backend_config = {},
-//!   call_target_name = "fp8xla_update_slice", output_operand_aliases = [operand 0]}>`.
+//!   call_target_name = "fp8xla_update_slice", output_operand_aliases = [operand 0]}>`;
+//! - each decode-shaped float32 `dot_general` → `"stablehlo.custom_call"(same operands)
+//!   <{api_version = 4 : i32, backend_config = {lhs_batching_dims = …, lhs_contracting_dims =
+//!   …, rhs_batching_dims = …, rhs_contracting_dims = …}, call_target_name = "fp8xla_dot_f32"}>`.
 //!
 //! # Report (`quantize`)
 //!
@@ -83,7 +91,8 @@
 //!               "lhs_contracting_dims", "rhs_contracting_dims", "lhs_batching_dims",
 //!               "rhs_batching_dims", "output_transpose", "a_scale", "dropped_attributes"}],
 //!  "handled": [{"kind": "while" | "call" | "clone" | "transpose" | "transpose_folded" |
-//!               "gather" | "dequantize" | "update_slice_in_place", "arg", "function", "loc",
+//!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv", "arg",
+//!               "function", "loc",
 //!               "detail" | "reason"}],
 //!  "skipped": [{"arg" | "site", "reason", …}]}
 //! ```
@@ -105,6 +114,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attr;
+pub mod decode_dot;
 pub mod emit;
 pub mod flow;
 pub mod inplace;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde_json::{json, Value};
 
 use super::attr::{array_i64, fmt_f32, parse_array_i64, GatherDims};
+use super::decode_dot;
 use super::emit::{with_props, Convert, Emitter, Names, Scale};
 use super::flow::{self, Flow, OtherUse, Site};
 use super::inplace;
@@ -32,6 +33,8 @@ struct Options {
     a_scales: HashMap<usize, f32>,
     strict: bool,
     update_slices_in_place: bool,
+    /// `Some(least streamed bytes)` when decode-shaped float32 dots are rewritten.
+    decode_dots: Option<usize>,
     paths: HashMap<usize, String>,
 }
 
@@ -47,6 +50,8 @@ fn parse_options(text: &str) -> Result<Options, RewriteError> {
             "a_scales",
             "strict",
             "update_slices_in_place",
+            "decode_dots",
+            "decode_dots_min_bytes",
             "args",
         ],
         "the quantize options",
@@ -142,6 +147,15 @@ fn parse_options(text: &str) -> Result<Options, RewriteError> {
             ))
         }
     };
+    let decode_dots = match m.get("decode_dots") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(opt_err("a boolean for `decode_dots`", &kind(other))),
+    };
+    let decode_dots_min_bytes = match m.get("decode_dots_min_bytes") {
+        None | Some(Value::Null) => decode_dot::MIN_STREAMED_BYTES,
+        Some(v) => as_index(v, "`decode_dots_min_bytes`")?,
+    };
     Ok(Options {
         entry: entry_name(&m)?,
         weights,
@@ -154,6 +168,7 @@ fn parse_options(text: &str) -> Result<Options, RewriteError> {
         a_scales,
         strict,
         update_slices_in_place,
+        decode_dots: decode_dots.then_some(decode_dots_min_bytes),
         paths: arg_paths(&m)?,
     })
 }
@@ -470,6 +485,9 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
     handled.extend(dequantized);
     if opts.update_slices_in_place {
         handled.extend(inplace::update_slices_in_place(&mut module, &aliases));
+    }
+    if let Some(min_bytes) = opts.decode_dots {
+        handled.extend(decode_dot::decode_dots(&mut module, &aliases, min_bytes));
     }
 
     verify(&module).map_err(|e| RewriteError {

@@ -263,3 +263,24 @@ def test_decode_loop_updates_the_kv_cache_in_place(rng, monkeypatch, in_place):
         np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
     else:
         assert copies >= 4
+
+
+@pytest.mark.parametrize("min_bytes", [0, None])
+def test_decode_attention_runs_on_the_gemv_kernels(rng, monkeypatch, min_bytes):
+    """The decode step's attention products over the KV cache become fp8xla_dot_f32 when the
+    cache is large enough (the tiny model's are not, so the threshold is set to 0 to see them
+    rewritten): 2 layers x (scores, weighted sum). Generation is unchanged."""
+    from fp8xla import graph
+
+    quantize_exported = graph.quantize_exported
+    monkeypatch.setattr(graph, "quantize_exported", lambda exp, options: quantize_exported(
+        exp, {**options, "decode_dots_min_bytes": min_bytes}))
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None))
+    batch = prompts(rng, 2)
+    got = model.generate(batch, max_length=12, stop_token_ids=None)
+    hlo = compiled_generate_hlo(model, batch)
+    assert hlo.count('custom_call_target="fp8xla_dot_f32"') == (4 if min_bytes == 0 else 0)
+    ref = fake_quantized_copy(model, model)
+    want = ref.generate(batch, max_length=12, stop_token_ids=None)
+    np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
