@@ -378,6 +378,19 @@ unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
     )
 }
 
+/// `lhs[r*ls]` and `lhs[r*ls + 1]` broadcast, for the rows `r < R`: the multipliers of two
+/// consecutive weight rows in a KN pass.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_multipliers<const R: usize>(lhs: *const f32, ls: usize) -> [[__m256; 2]; R] {
+    std::array::from_fn(|r| {
+        [
+            _mm256_set1_ps(*lhs.add(r * ls)),
+            _mm256_set1_ps(*lhs.add(r * ls + 1)),
+        ]
+    })
+}
+
 /// The body of `Avx2::kn_rows`: two weight rows per pass (each accumulator is loaded and
 /// stored once per two rows), 32 columns per step with `cvt32`, the last columns exactly with
 /// `cvt16` and the table. Each weight row is read front to back, so the slab streams from
@@ -393,21 +406,13 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
     acc: *mut f32,
     tab: &[f32; 256],
 ) -> bool {
-    for i in 0..R * ncols {
-        *acc.add(i) = 0.0;
-    }
+    std::ptr::write_bytes(acc, 0, R * ncols);
     let c32 = ncols - ncols % 32;
     let mut nan = _mm256_setzero_si256();
     let mut kk = 0;
     while kk + 2 <= kr {
         let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
-        let mut a = [[_mm256_setzero_ps(); 2]; R];
-        for (r, a) in a.iter_mut().enumerate() {
-            *a = [
-                _mm256_set1_ps(*lhs.add(r * ls + kk)),
-                _mm256_set1_ps(*lhs.add(r * ls + kk + 1)),
-            ];
-        }
+        let a = pair_multipliers::<R>(lhs.add(kk), ls);
         let mut c = 0;
         while c < c32 {
             _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(c + KN_PREFETCH_BYTES) as *const i8);
@@ -682,20 +687,12 @@ unsafe fn kn_rows_f32_impl<const R: usize>(
     ncols: usize,
     acc: *mut f32,
 ) {
-    for i in 0..R * ncols {
-        *acc.add(i) = 0.0;
-    }
+    std::ptr::write_bytes(acc, 0, R * ncols);
     let c8 = ncols - ncols % 8;
     let mut kk = 0;
     while kk + 2 <= kr {
         let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
-        let mut a = [[_mm256_setzero_ps(); 2]; R];
-        for (r, a) in a.iter_mut().enumerate() {
-            *a = [
-                _mm256_set1_ps(*lhs.add(r * ls + kk)),
-                _mm256_set1_ps(*lhs.add(r * ls + kk + 1)),
-            ];
-        }
+        let a = pair_multipliers::<R>(lhs.add(kk), ls);
         let mut c = 0;
         while c < c8 {
             _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(c + KN_PREFETCH_BYTES / 4) as *const i8);

@@ -119,16 +119,7 @@ pub fn fp8_matmul_with(
     if let WeightScale::PerChannel(s) = scale {
         assert_eq!(s.len(), prod(&[batch, n]), "fp8_matmul: scale length");
     }
-    assert!(
-        isa <= Isa::supported(),
-        "fp8_matmul: {} is not supported by this CPU",
-        isa.name()
-    );
-    if out.is_empty() {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
+    if trivial("fp8_matmul", isa, k, out) {
         return;
     }
     let p = Problem {
@@ -195,16 +186,7 @@ pub fn f32_matmul_with(
     );
     assert_eq!(lhs.len(), prod(&[batch, m, k]), "f32_matmul: lhs length");
     assert_eq!(out.len(), prod(&[batch, m, n]), "f32_matmul: out length");
-    assert!(
-        isa <= Isa::supported(),
-        "f32_matmul: {} is not supported by this CPU",
-        isa.name()
-    );
-    if out.is_empty() {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
+    if trivial("f32_matmul", isa, k, out) {
         return;
     }
     let bk = Backend::for_isa(isa);
@@ -248,6 +230,20 @@ pub fn f32_matmul_with(
             }
         }
     }
+}
+
+/// Checks that this CPU supports `isa`, and does the products that need no kernel: an empty
+/// output, or a zero depth (all sums are 0). Returns whether `out` is done.
+fn trivial(what: &str, isa: Isa, k: usize, out: &mut [f32]) -> bool {
+    assert!(
+        isa <= Isa::supported(),
+        "{what}: {} is not supported by this CPU",
+        isa.name()
+    );
+    if k == 0 {
+        out.fill(0.0);
+    }
+    out.is_empty() || k == 0
 }
 
 /// Which kernel family runs.

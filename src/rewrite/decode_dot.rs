@@ -21,7 +21,7 @@ use std::collections::HashMap;
 
 use super::attr::{array_i64, DotDims};
 use super::emit::set_props;
-use super::flow::func_name;
+use super::flow::walk_functions_mut;
 use super::ir::{ElementType, Module, Op};
 use super::loc_json;
 use crate::handlers::{dot_plan, DotSide};
@@ -40,27 +40,20 @@ pub fn decode_dots(
     min_bytes: usize,
 ) -> Vec<Value> {
     let mut report = Vec::new();
-    for region in &mut module.top.regions {
-        for block in &mut region.blocks {
-            for func in block.ops.iter_mut().filter(|o| o.name == "func.func") {
-                let fname = func_name(func).unwrap_or_default();
-                func.walk_mut(&mut |op| {
-                    let Some(dims) = decode_shaped(op, min_bytes) else {
-                        return;
-                    };
-                    let detail = format!(
-                        "dot_general {} x {} → {TARGET}",
-                        op.operand_types[0], op.operand_types[1]
-                    );
-                    to_custom_call(op, &dims);
-                    report.push(json!({
-                        "kind": "f32_dot_gemv", "function": fname,
-                        "loc": loc_json(&op.loc, aliases), "detail": detail,
-                    }));
-                });
-            }
-        }
-    }
+    walk_functions_mut(module, &mut |fname, op| {
+        let Some(dims) = decode_shaped(op, min_bytes) else {
+            return;
+        };
+        let detail = format!(
+            "dot_general {} x {} → {TARGET}",
+            op.operand_types[0], op.operand_types[1]
+        );
+        to_custom_call(op, &dims);
+        report.push(json!({
+            "kind": "f32_dot_gemv", "function": fname,
+            "loc": loc_json(&op.loc, aliases), "detail": detail,
+        }));
+    });
     report
 }
 

@@ -108,6 +108,18 @@ pub fn func_name(op: &Op) -> Option<String> {
     Some(v.trim().trim_matches('"').to_string())
 }
 
+/// Calls `f(function name, op)` on every op nested in the module's functions, pre-order.
+pub fn walk_functions_mut(module: &mut Module, f: &mut dyn FnMut(&str, &mut Op)) {
+    for region in &mut module.top.regions {
+        for block in &mut region.blocks {
+            for func in block.ops.iter_mut().filter(|o| o.name == "func.func") {
+                let name = func_name(func).unwrap_or_default();
+                func.walk_mut(&mut |op| f(&name, op));
+            }
+        }
+    }
+}
+
 /// The function op named `name`.
 pub fn find_func<'m>(module: &'m Module, name: &str) -> Option<&'m Op> {
     module

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Value};
 
 use super::emit::set_props;
-use super::flow::func_name;
+use super::flow::walk_functions_mut;
 use super::ir::{ElementType, Module, Op, Type};
 use super::loc_json;
 
@@ -31,40 +31,31 @@ pub fn update_slices_in_place(
     aliases: &HashMap<String, String>,
 ) -> Vec<Value> {
     let mut report = Vec::new();
-    for region in &mut module.top.regions {
-        for block in &mut region.blocks {
-            for func in block.ops.iter_mut().filter(|o| o.name == "func.func") {
-                let fname = func_name(func).unwrap_or_default();
-                func.walk_mut(&mut |op| {
-                    if op.name != "stablehlo.while" {
-                        return;
-                    }
-                    let Some(body) = op.regions.get_mut(1).and_then(|r| r.blocks.first_mut())
-                    else {
-                        return;
-                    };
-                    let carried: HashSet<String> =
-                        body.args.iter().map(|a| a.name.clone()).collect();
-                    for o in &mut body.ops {
-                        if o.name == "stablehlo.dynamic_update_slice"
-                            && o.operands.first().is_some_and(|x| carried.contains(x))
-                            && supported(o)
-                        {
-                            to_custom_call(o);
-                            report.push(json!({
-                                "kind": "update_slice_in_place", "function": fname,
-                                "loc": loc_json(&o.loc, aliases),
-                                "detail": format!(
-                                    "dynamic_update_slice of a loop-carried {} → {TARGET}",
-                                    o.operand_types[0]
-                                ),
-                            }));
-                        }
-                    }
-                });
+    walk_functions_mut(module, &mut |fname, op| {
+        if op.name != "stablehlo.while" {
+            return;
+        }
+        let Some(body) = op.regions.get_mut(1).and_then(|r| r.blocks.first_mut()) else {
+            return;
+        };
+        let carried: HashSet<String> = body.args.iter().map(|a| a.name.clone()).collect();
+        for o in &mut body.ops {
+            if o.name == "stablehlo.dynamic_update_slice"
+                && o.operands.first().is_some_and(|x| carried.contains(x))
+                && supported(o)
+            {
+                to_custom_call(o);
+                report.push(json!({
+                    "kind": "update_slice_in_place", "function": fname,
+                    "loc": loc_json(&o.loc, aliases),
+                    "detail": format!(
+                        "dynamic_update_slice of a loop-carried {} → {TARGET}",
+                        o.operand_types[0]
+                    ),
+                }));
             }
         }
-    }
+    });
     report
 }
 

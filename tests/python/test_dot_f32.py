@@ -9,7 +9,7 @@ import pytest
 import fp8xla  # noqa: F401
 from fp8xla import ops
 
-from test_matmul import dot_general_f64
+from test_matmul import dims, dot_general_f64
 
 
 def check(lhs, rhs, dn):
@@ -86,11 +86,6 @@ def test_inside_a_decode_like_loop():
 def raw(out_shape, *args, dtype=jnp.float32, **attrs):
     out = jax.ShapeDtypeStruct(out_shape, dtype)
     return jax.block_until_ready(jax.ffi.ffi_call("fp8xla_dot_f32", out)(*args, **attrs))
-
-
-def dims(lc, rc, lb=(), rb=()):
-    return dict(lhs_contracting_dims=np.array(lc, np.int64), rhs_contracting_dims=np.array(rc, np.int64),
-                lhs_batching_dims=np.array(lb, np.int64), rhs_batching_dims=np.array(rb, np.int64))
 
 
 X = np.ones((2, 8), np.float32)

@@ -236,22 +236,29 @@ def _while_body_copies(hlo, shape):
     return count
 
 
+def _generate_with_options(rng, monkeypatch, options):
+    """A weight-only FP8 tiny model quantized with extra rewrite `options`: (model, batch,
+    generated, compiled HLO of its generate step)."""
+    from fp8xla import graph
+
+    quantize_exported = graph.quantize_exported
+    monkeypatch.setattr(graph, "quantize_exported",
+                        lambda exp, opts: quantize_exported(exp, {**opts, **options}))
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None))
+    batch = prompts(rng, 2)
+    got = model.generate(batch, max_length=12, stop_token_ids=None)
+    return model, batch, got, compiled_generate_hlo(model, batch)
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_decode_loop_updates_the_kv_cache_in_place(rng, monkeypatch, in_place):
     """Without fp8xla_update_slice XLA's CPU backend copies every KV cache several times per
     decode step (it fuses the row update into two consumers, each needing its own buffer).
     The `in_place=False` case pins that behaviour of this jaxlib (0.10.2): it documents why
     the rewrite exists and may need updating when XLA changes."""
-    from fp8xla import graph
-
-    quantize_exported = graph.quantize_exported
-    monkeypatch.setattr(graph, "quantize_exported", lambda exp, options: quantize_exported(
-        exp, {**options, "update_slices_in_place": in_place}))
-    model = tiny_gemma3()
-    quantize_model(model, StaticQuantConfig(activation_dtype=None))
-    batch = prompts(rng, 2)
-    got = model.generate(batch, max_length=12, stop_token_ids=None)
-    hlo = compiled_generate_hlo(model, batch)
+    model, batch, got, hlo = _generate_with_options(
+        rng, monkeypatch, {"update_slices_in_place": in_place})
     copies = _while_body_copies(hlo, "2,12,1,16")  # [batch, length, kv heads, head dim]
     if in_place:
         # 2 layers x (key, value) caches and the generated token ids
@@ -270,16 +277,8 @@ def test_decode_attention_runs_on_the_gemv_kernels(rng, monkeypatch, min_bytes):
     """The decode step's attention products over the KV cache become fp8xla_dot_f32 when the
     cache is large enough (the tiny model's are not, so the threshold is set to 0 to see them
     rewritten): 2 layers x (scores, weighted sum). Generation is unchanged."""
-    from fp8xla import graph
-
-    quantize_exported = graph.quantize_exported
-    monkeypatch.setattr(graph, "quantize_exported", lambda exp, options: quantize_exported(
-        exp, {**options, "decode_dots_min_bytes": min_bytes}))
-    model = tiny_gemma3()
-    quantize_model(model, StaticQuantConfig(activation_dtype=None))
-    batch = prompts(rng, 2)
-    got = model.generate(batch, max_length=12, stop_token_ids=None)
-    hlo = compiled_generate_hlo(model, batch)
+    model, batch, got, hlo = _generate_with_options(
+        rng, monkeypatch, {"decode_dots_min_bytes": min_bytes})
     assert hlo.count('custom_call_target="fp8xla_dot_f32"') == (4 if min_bytes == 0 else 0)
     ref = fake_quantized_copy(model, model)
     want = ref.generate(batch, max_length=12, stop_token_ids=None)
