@@ -33,7 +33,7 @@ pub(crate) struct Side {
 
 impl Side {
     /// The same operand with its size-1 dims removed (indices renumbered), given that the
-    /// dims listed are in range (checked by `plan` on the unsqueezed sides first).
+    /// dims listed are in range (checked by `dot_plan` before it squeezes).
     fn squeezed(&self) -> Side {
         let keep: Vec<usize> = (0..self.dims.len())
             .filter(|&d| self.dims[d] != 1)
@@ -108,25 +108,35 @@ pub(crate) fn dot_plan(lhs: &Side, rhs: &Side) -> Result<DotPlan, FfiError> {
     let count = |s: &Side| s.dims.iter().product::<i64>();
     let lhs_streams = count(lhs) > count(rhs);
     let (rows, streamed) = if lhs_streams { (rhs, lhs) } else { (lhs, rhs) };
-    let (rows, streamed) = (rows.squeezed(), streamed.squeezed());
+    let (rows_sq, streamed_sq) = (rows.squeezed(), streamed.squeezed());
     let inner = plan(
-        &rows.dims,
-        &streamed.dims,
-        &rows.contracting,
-        &streamed.contracting,
-        &rows.batching,
-        &streamed.batching,
+        &rows_sq.dims,
+        &streamed_sq.dims,
+        &rows_sq.contracting,
+        &streamed_sq.contracting,
+        &rows_sq.batching,
+        &streamed_sq.batching,
     )
     .map_err(|e| {
-        let which = if lhs_streams {
-            "operand 0 (lhs)"
+        // `plan` speaks of its own rhs with squeezed dim numbers: name what the caller gave.
+        let (which, name) = if lhs_streams {
+            ("operand 0 (lhs)", "lhs")
         } else {
-            "operand 1 (rhs)"
+            ("operand 1 (rhs)", "rhs")
+        };
+        let why = if e.message.contains("must be adjacent") {
+            "its contracting dims are not adjacent".to_string()
+        } else if e.message.contains("must be the leading dims") {
+            "its batching dims do not lead in order".to_string()
+        } else {
+            e.message
         };
         FfiError::invalid(format!(
-            "{which}, the streamed (larger) operand, must be laid out as [batch dims, free \
-             dims, contracting dims, free dims] once its size-1 dims are dropped: {}",
-            e.message.replace("operand 1 (rhs): ", "")
+            "{which}, the streamed operand (the larger one, the rhs on a tie), must be laid \
+             out as [batch dims, free dims, contracting dims, free dims] once its size-1 dims \
+             are dropped, but {why} (shape {:?}, {name}_contracting_dims {:?}, \
+             {name}_batching_dims {:?})",
+            streamed.dims, streamed.contracting, streamed.batching
         ))
     })?;
     Ok(DotPlan {
@@ -203,6 +213,9 @@ pub fn dot_f32(call: &mut Call<'_>) -> Result<(), FfiError> {
     };
     let pool = call.pool();
     let dst = out.into_slice::<f32>("result 0")?;
+    if dst.is_empty() {
+        return Ok(());
+    }
     if dp.lhs_streams {
         // The product is [batch, m, n]; the result wants [batch, n, m].
         let (m, n) = (p.m(), p.n());

@@ -1,7 +1,7 @@
-//! Decode-shaped float32 products: a `stablehlo.dot_general` of two float32 tensors where one
-//! side has at most `MAX_ROWS` rows (free elements per batch) and the other is large becomes
-//! the `fp8xla_dot_f32` custom call, whose GEMV kernels read the large operand once, front to
-//! back, in the layout it has.
+//! Decode-shaped float32 products: a `stablehlo.dot_general` of two float32 tensors where the
+//! smaller side has at most `MAX_ROWS` rows (free elements per batch) and the larger one is
+//! large becomes the `fp8xla_dot_f32` custom call, whose GEMV kernels read the large operand
+//! once, front to back, in the layout it has.
 //!
 //! Why: in a decode step those are the products of attention with the KV cache (Gemma3:
 //! `keys[1, 640, 1, 256] . q` and `values[1, 640, 1, 256] . p`, per layer and step). XLA's
@@ -102,7 +102,9 @@ fn decode_shaped(op: &Op, min_bytes: usize) -> Option<DotDims> {
     let plan = dot_plan(&l, &r).ok()?;
     let streamed = if plan.lhs_streams { &l } else { &r };
     let bytes = streamed.dims.iter().product::<i64>() * 4;
-    (plan.inner.m() as i64 <= MAX_ROWS && bytes >= min_bytes as i64).then_some(dims)
+    // A KN operand narrower than a vector would run on the kernels' scalar tails.
+    let vector_wide = plan.inner.inner == 1 || plan.inner.inner >= 8;
+    (plan.inner.m() as i64 <= MAX_ROWS && bytes >= min_bytes as i64 && vector_wide).then_some(dims)
 }
 
 /// The product as the custom call (same operands, result and location).
@@ -194,6 +196,27 @@ mod tests {
         ));
         assert!(!text.contains("precision DEFAULT"));
         parse_module(&text).expect("rewritten module parses");
+    }
+
+    #[test]
+    fn narrow_kn_operands_are_kept() {
+        // 320 KB operands on both sides (a tie: the rhs streams).
+        let text = r#""builtin.module"() <{sym_name = "m"}> ({
+  "func.func"() <{function_type = (tensor<4x20000xf32>, tensor<20000x4xf32>) -> tensor<4x4xf32>, sym_name = "main", sym_visibility = "public"}> ({
+  ^bb0(%arg0: tensor<4x20000xf32>, %arg1: tensor<20000x4xf32>):
+    %0 = "stablehlo.dot_general"(%arg0, %arg1) <{dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], rhs_contracting_dimensions = [0]>}> : (tensor<4x20000xf32>, tensor<20000x4xf32>) -> tensor<4x4xf32>
+    %1 = "stablehlo.dot_general"(%arg1, %arg0) <{dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], rhs_contracting_dimensions = [0]>}> : (tensor<20000x4xf32>, tensor<4x20000xf32>) -> tensor<20000x20000xf32>
+    %2 = "stablehlo.dot_general"(%arg1, %arg0) <{dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [0], rhs_contracting_dimensions = [1]>}> : (tensor<20000x4xf32>, tensor<4x20000xf32>) -> tensor<4x4xf32>
+    "func.return"(%0) : (tensor<4x4xf32>) -> ()
+  }) : () -> ()
+}) : () -> ()
+"#;
+        let mut m = parse_module(text).expect("test module parses");
+        decode_dots(&mut m, &HashMap::new(), 0);
+        // %0: the rhs streams as KN with 4 columns per row, the kernels' scalar tails: kept.
+        // %1: 20000 rows on the small side: kept. %2: the rhs streams as NK: rewritten.
+        let (calls, kept) = targets(&m);
+        assert_eq!((calls, kept), (vec!["%2".to_string()], 2));
     }
 
     #[test]

@@ -111,10 +111,14 @@ W = np.ones((8, 40), np.float32)
     (lambda: raw((2, 40), X, W, bogus=np.int64(1), **dims([1], [0])), "unknown attribute `bogus`"),
     # The large operand's contracting dims are not adjacent once size-1 dims are dropped.
     (lambda: raw((2,), np.ones((2, 3, 5), np.float32), np.ones((3, 7, 5), np.float32), **dims([1, 2], [0, 2])),
-     "operand 1 \\(rhs\\), the streamed \\(larger\\) operand, must be laid out as .*contracting dims must be adjacent"),
+     "operand 1 \\(rhs\\), the streamed operand .* but its contracting dims are not adjacent "
+     "\\(shape \\[3, 7, 5\\], rhs_contracting_dims \\[0, 2\\]"),
     # Its batch dim is not leading.
     (lambda: raw((5, 2, 7), np.ones((5, 2, 3), np.float32), np.ones((3, 5, 7), np.float32), **dims([2], [0], [0], [1])),
-     "operand 1 \\(rhs\\), the streamed .*batching dims must be the leading dims"),
+     "operand 1 \\(rhs\\), the streamed .*but its batching dims do not lead in order"),
+    # The lhs streams (larger): its own dim numbers are named, not the squeezed ones.
+    (lambda: raw((2,), np.ones((1, 3, 7, 5), np.float32), np.ones((2, 3, 5), np.float32), **dims([1, 3], [1, 2])),
+     "operand 0 \\(lhs\\), the streamed operand .* \\(shape \\[1, 3, 7, 5\\], lhs_contracting_dims \\[1, 3\\]"),
 ])
 def test_bad_input_is_a_clear_error(case, match):
     with pytest.raises(jax.errors.JaxRuntimeError, match=match) as e:
