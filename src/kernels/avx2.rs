@@ -38,6 +38,22 @@ fn check_mul(mul: &Mul, ncols: usize) {
     }
 }
 
+/// The bounds a KN pass relies on (lengths in elements): up to 4 rows of `kr` lhs values at
+/// stride `ls`, `kr` weight rows of `ncols`, and `rows * ncols` accumulators.
+fn check_kn(lhs: usize, ls: usize, rows: usize, kr: usize, w: usize, ncols: usize, acc: usize) {
+    assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
+    assert!(lhs >= (rows - 1) * ls + kr && w >= kr * ncols);
+    assert!(acc >= rows * ncols);
+}
+
+/// The bounds an NK GEMV relies on: up to 4 lhs rows of `k`, `ncols` weight rows of `k`, and
+/// outputs `r * os + c` for `r < rows`, `c < ncols`.
+fn check_nk(lhs: usize, rows: usize, k: usize, w: usize, ncols: usize, out: usize, os: usize) {
+    assert!((1..=4).contains(&rows) && k >= 1);
+    assert!(lhs >= rows * k && w >= ncols * k);
+    assert!(out >= (rows - 1) * os + ncols);
+}
+
 fn scaled_table(fmt: Format) -> &'static [f32; 256] {
     match fmt {
         Format::E4m3fn => &super::E4M3_SCALED,
@@ -144,9 +160,7 @@ impl Avx2 {
         ncols: usize,
         acc: &mut [f32],
     ) {
-        assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
-        assert!(lhs.len() >= (rows - 1) * ls + kr && w.len() >= kr * ncols);
-        assert!(acc.len() >= rows * ncols);
+        check_kn(lhs.len(), ls, rows, kr, w.len(), ncols, acc.len());
         let tab = scaled_table(fmt);
         let (l, wp, a) = (lhs.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
         macro_rules! go {
@@ -187,9 +201,7 @@ impl Avx2 {
         os: usize,
         mul: Mul,
     ) {
-        assert!((1..=4).contains(&rows) && k >= 1);
-        assert!(lhs.len() >= rows * k && w.len() >= ncols * k);
-        assert!(out.len() >= (rows - 1) * os + ncols);
+        check_nk(lhs.len(), rows, k, w.len(), ncols, out.len(), os);
         check_mul(&mul, ncols);
         let tab = scaled_table(fmt);
         let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
@@ -225,9 +237,7 @@ impl Avx2 {
         ncols: usize,
         acc: &mut [f32],
     ) {
-        assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
-        assert!(lhs.len() >= (rows - 1) * ls + kr && w.len() >= kr * ncols);
-        assert!(acc.len() >= rows * ncols);
+        check_kn(lhs.len(), ls, rows, kr, w.len(), ncols, acc.len());
         let (l, wp, a) = (lhs.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
         // SAFETY: the token proves AVX2/FMA; the asserts above bound every access
         // `kn_rows_f32_impl` makes: lhs `r*ls + kk`, weights `kk*ncols + c`, acc `r*ncols + c`,
@@ -254,9 +264,7 @@ impl Avx2 {
         out: &mut [f32],
         os: usize,
     ) {
-        assert!((1..=4).contains(&rows) && k >= 1);
-        assert!(lhs.len() >= rows * k && w.len() >= ncols * k);
-        assert!(out.len() >= (rows - 1) * os + ncols);
+        check_nk(lhs.len(), rows, k, w.len(), ncols, out.len(), os);
         let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
         // SAFETY: the token proves AVX2/FMA; the asserts above bound every access
         // `nk_f32_impl` makes: lhs `r*k + kk`, weights `c*k + kk`, out `r*os + c`.
