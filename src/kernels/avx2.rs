@@ -509,6 +509,25 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Adds 16 depths of column `ci` (`lo`, `hi`) times each lhs row `r` (16 floats at
+/// `lhs + r*k`) into that row's two accumulators of the column.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fma16_rows<const R: usize, const C: usize>(
+    acc: &mut [[[__m256; 2]; C]; R],
+    ci: usize,
+    lhs: *const f32,
+    k: usize,
+    lo: __m256,
+    hi: __m256,
+) {
+    for (r, acc) in acc.iter_mut().enumerate() {
+        let a = lhs.add(r * k);
+        acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
+        acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nk<const E5: bool, const R: usize, const C: usize, const FAST: bool>(
@@ -560,11 +579,7 @@ unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
         }
         for ci in 0..C {
             let (lo, hi) = cvt16::<E5>(w.add(ci * k + kk));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let a = lhs.add(r * k + kk);
-                acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
-                acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
-            }
+            fma16_rows(&mut acc, ci, lhs.add(kk), k, lo, hi);
         }
         kk += 16;
     }
@@ -662,11 +677,7 @@ unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
     while kk + 16 <= k {
         for ci in 0..C {
             let (lo, hi) = cvt16::<E5>(w.add(ci * k + kk));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let a = lhs.add(r * k + kk);
-                acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
-                acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
-            }
+            fma16_rows(&mut acc, ci, lhs.add(kk), k, lo, hi);
         }
         kk += 16;
     }
@@ -781,11 +792,7 @@ unsafe fn nk_f32_impl<const R: usize, const C: usize>(
             for ci in 0..cols {
                 let p = w.add((c0 + ci) * k + kk);
                 let (lo, hi) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = lhs.add(r * k + kk);
-                    acc[ci][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), lo, acc[ci][0]);
-                    acc[ci][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), hi, acc[ci][1]);
-                }
+                fma16_rows(&mut acc, ci, lhs.add(kk), k, lo, hi);
             }
             kk += 16;
         }
