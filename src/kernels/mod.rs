@@ -75,6 +75,10 @@ const KC_MAX: usize = 256;
 /// mean over Gemma3-270M's block shapes, against 1.84x at 256 KiB and 1.39x at 4 MiB.
 const GEMV_MIN_TASK_BYTES: usize = 64 << 10;
 const GEMV_MIN_PARALLEL_BYTES: usize = 64 << 10;
+/// Weight bytes per GEMV task at most: the thread that finishes first waits for the other's
+/// last task, so large GEMVs (the tied logits: 168 MB) get many small tasks instead of
+/// `workers * 4` long ones.
+const GEMV_MAX_TASK_BYTES: usize = 2 << 20;
 
 /// `out = lhs · (decode(w) · scale)` using the best kernels of this CPU (`Isa::detect()`).
 ///
@@ -383,7 +387,9 @@ struct ColTask {
 fn gemv_tasks(par: &dyn Parallel, bytes: usize, m: usize) -> usize {
     let workers = par.workers();
     if workers > 1 && bytes * m >= GEMV_MIN_PARALLEL_BYTES {
-        (workers * 4).min((bytes / GEMV_MIN_TASK_BYTES).max(1))
+        (workers * 4)
+            .max(bytes / GEMV_MAX_TASK_BYTES)
+            .min((bytes / GEMV_MIN_TASK_BYTES).max(1))
     } else {
         1
     }

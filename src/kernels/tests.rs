@@ -303,10 +303,24 @@ fn model_shapes() {
     }
 }
 
-/// Tied-logits GEMV: [262144, 640] NK, m = 1.
+/// Tied-logits GEMV: [262144, 640] NK, m = 1; and a large batched NK GEMV with 3 rows, which
+/// also splits into more tasks than `workers * 4` (tasks hold at most `GEMV_MAX_TASK_BYTES`).
 #[test]
 #[cfg_attr(debug_assertions, ignore)]
 fn logits_gemv() {
+    check(
+        Case {
+            m: 3,
+            batch: 2,
+            outer: 20001,
+            k: 640,
+            inner: 1,
+            fmt: Format::E5m2,
+            per_channel: true,
+            threads: 2,
+        },
+        6,
+    );
     check(
         Case {
             m: 1,
