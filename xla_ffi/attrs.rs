@@ -32,15 +32,18 @@ impl<'a> Attrs<'a> {
         usize::try_from(self.raw.size).unwrap_or(0)
     }
 
-    fn name_at(&self, i: usize) -> &'a str {
+    fn name_bytes_at(&self, i: usize) -> &'a [u8] {
         // SAFETY: i < size; `names[i]` points to a byte span live for 'a (Attrs::new contract).
         let span = unsafe { &**self.raw.names.add(i) };
         if span.len == 0 {
-            return "";
+            return &[];
         }
         // SAFETY: the span's `ptr` holds `len` bytes live for 'a.
-        let bytes = unsafe { std::slice::from_raw_parts(span.ptr as *const u8, span.len) };
-        std::str::from_utf8(bytes).unwrap_or("<non-utf8 attribute name>")
+        unsafe { std::slice::from_raw_parts(span.ptr as *const u8, span.len) }
+    }
+
+    fn name_at(&self, i: usize) -> &'a str {
+        std::str::from_utf8(self.name_bytes_at(i)).unwrap_or("<non-utf8 attribute name>")
     }
 
     fn value_at(&self, i: usize) -> Value<'a> {
@@ -77,23 +80,21 @@ impl<'a> Attrs<'a> {
         }
     }
 
-    /// Names of all attributes, in XLA's (sorted) order.
-    pub fn names(&self) -> Vec<&'a str> {
-        (0..self.count()).map(|i| self.name_at(i)).collect()
-    }
-
+    // Names are compared as bytes: these lookups run on every call of every custom call.
     fn find(&self, name: &str) -> Option<Value<'a>> {
         (0..self.count())
-            .find(|&i| self.name_at(i) == name)
+            .find(|&i| self.name_bytes_at(i) == name.as_bytes())
             .map(|i| self.value_at(i))
     }
 
     /// Fails on any attribute not in `known`, naming it and listing the accepted ones.
     pub fn reject_unknown(&self, known: &[&str]) -> Result<(), FfiError> {
-        for name in self.names() {
-            if !known.contains(&name) {
+        for i in 0..self.count() {
+            let name = self.name_bytes_at(i);
+            if !known.iter().any(|k| k.as_bytes() == name) {
                 return Err(FfiError::invalid(format!(
-                    "unknown attribute `{name}` (accepted: {})",
+                    "unknown attribute `{}` (accepted: {})",
+                    self.name_at(i),
                     known.join(", ")
                 )));
             }
@@ -117,10 +118,12 @@ impl<'a> Attrs<'a> {
         name: &str,
         get: impl FnOnce(Value<'a>) -> Result<T, String>,
     ) -> Result<Option<T>, FfiError> {
-        if self.find(name).is_none() {
-            return Ok(None);
+        match self.find(name) {
+            None => Ok(None),
+            Some(v) => get(v)
+                .map(Some)
+                .map_err(|e| FfiError::invalid(format!("attribute `{name}`: {e}"))),
         }
-        self.required(name, get).map(Some)
     }
 
     /// A float scalar (F32 or F64; F64 is rounded to f32).

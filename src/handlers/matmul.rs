@@ -28,11 +28,12 @@ const ATTRS: &[&str] = &[
 /// Dimension numbers resolved against the operand shapes.
 #[derive(Debug, PartialEq)]
 pub(crate) struct Plan {
-    /// Offsets (in lhs elements) of each batch index, each row (free index) and each
-    /// contraction index, in the packed `[batch, m, k]` order.
-    batch_offsets: Vec<usize>,
-    row_offsets: Vec<usize>,
-    k_offsets: Vec<usize>,
+    /// Lhs dims, and its axes in the packed `[batch, m, k]` order: batch axes, free axes
+    /// (rows), contraction axes in the weights' physical order.
+    lhs_dims: Vec<usize>,
+    batch_axes: Vec<usize>,
+    row_axes: Vec<usize>,
+    k_axes: Vec<usize>,
     /// Weight shape as `[batch, outer, k, inner]`.
     pub(crate) outer: usize,
     pub(crate) k: usize,
@@ -44,29 +45,33 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    fn size(&self, axes: &[usize]) -> usize {
+        axes.iter().map(|&a| self.lhs_dims[a]).product()
+    }
     pub(crate) fn batch(&self) -> usize {
-        self.batch_offsets.len()
+        self.size(&self.batch_axes)
     }
     pub(crate) fn m(&self) -> usize {
-        self.row_offsets.len()
+        self.size(&self.row_axes)
     }
     pub(crate) fn n(&self) -> usize {
         self.outer * self.inner
     }
-    /// Whether the lhs already is a contiguous `[batch, m, k]` array.
+    /// Whether the lhs already is a contiguous `[batch, m, k]` array: its axes of size > 1
+    /// come in that order. (Decided from the axes, not from per-element offsets: this runs on
+    /// every call.)
     pub(crate) fn lhs_is_packed(&self) -> bool {
-        let (m, k) = (self.m(), self.k);
-        self.k_offsets.iter().enumerate().all(|(i, &o)| o == i)
-            && self
-                .row_offsets
-                .iter()
-                .enumerate()
-                .all(|(i, &o)| o == i * k)
-            && self
-                .batch_offsets
-                .iter()
-                .enumerate()
-                .all(|(i, &o)| o == i * m * k)
+        let order = self
+            .batch_axes
+            .iter()
+            .chain(&self.row_axes)
+            .chain(&self.k_axes);
+        let mut big = order.filter(|&&a| self.lhs_dims[a] > 1);
+        let mut last = match big.next() {
+            None => return true,
+            Some(&a) => a,
+        };
+        big.all(|&a| std::mem::replace(&mut last, a) < a)
     }
 }
 
@@ -194,7 +199,6 @@ pub(crate) fn plan(
     let lhs_free: Vec<usize> = (0..ld.len())
         .filter(|d| !lc.contains(d) && !lb.contains(d))
         .collect();
-    let strides = row_major_strides(&ld);
     let mut out_dims: Vec<i64> = lb.iter().map(|&d| ld[d] as i64).collect();
     out_dims.extend(lhs_free.iter().map(|&d| ld[d] as i64));
     out_dims.extend(
@@ -208,9 +212,10 @@ pub(crate) fn plan(
         .collect();
     Ok(Plan {
         rhs_free,
-        batch_offsets: offsets(&lb, &ld, &strides),
-        row_offsets: offsets(&lhs_free, &ld, &strides),
-        k_offsets: offsets(&lhs_k_axes, &ld, &strides),
+        lhs_dims: ld,
+        batch_axes: lb,
+        row_axes: lhs_free,
+        k_axes: lhs_k_axes,
         outer,
         k,
         inner,
@@ -265,11 +270,14 @@ fn per_channel_scales(
 
 /// Gathers the lhs into a packed float32 `[batch, m, k]` panel.
 pub(crate) fn pack_lhs<T: Copy>(plan: &Plan, lhs: &[T], to_f32: impl Fn(T) -> f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(plan.batch() * plan.m() * plan.k);
-    for &b in &plan.batch_offsets {
-        for &r in &plan.row_offsets {
+    let strides = row_major_strides(&plan.lhs_dims);
+    let at = |axes: &[usize]| offsets(axes, &plan.lhs_dims, &strides);
+    let (batch, rows, ks) = (at(&plan.batch_axes), at(&plan.row_axes), at(&plan.k_axes));
+    let mut out = Vec::with_capacity(batch.len() * rows.len() * ks.len());
+    for &b in &batch {
+        for &r in &rows {
             let base = b + r;
-            out.extend(plan.k_offsets.iter().map(|&c| to_f32(lhs[base + c])));
+            out.extend(ks.iter().map(|&c| to_f32(lhs[base + c])));
         }
     }
     out
@@ -455,6 +463,26 @@ mod tests {
         assert!(!p.lhs_is_packed());
         let lhs: Vec<f32> = (0..6).map(|x| x as f32).collect(); // lhs[k][m] = 2k + m
         assert_eq!(pack_lhs(&p, &lhs, |x| x), vec![0., 2., 4., 1., 3., 5.]);
+    }
+
+    #[test]
+    fn size_one_dims_do_not_need_gathering() {
+        // lhs [K=3, M=1]: the one row is contiguous whatever the axis order.
+        let p = plan(&[3, 1], &[3, 4], &[0], &[0], &[], &[]).unwrap();
+        assert!(p.lhs_is_packed());
+        // lhs [B=1, K=3, M=2] batched against w[1, 3, 4]: rows are strided, so gathered.
+        let p = plan(&[1, 3, 2], &[1, 3, 4], &[1], &[1], &[0], &[0]).unwrap();
+        assert!(!p.lhs_is_packed());
+        // Batch 2 after the rows: [M=2, B=2, K=3] . w[2, 3, 4] is gathered per batch.
+        let p = plan(&[2, 2, 3], &[2, 3, 4], &[2], &[1], &[1], &[0]).unwrap();
+        assert!(!p.lhs_is_packed());
+        let lhs: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        let want = [0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.];
+        assert_eq!(pack_lhs(&p, &lhs, |x| x), want);
+        // Empty lhs: nothing to gather.
+        assert!(plan(&[0, 3], &[3, 4], &[1], &[0], &[], &[])
+            .unwrap()
+            .lhs_is_packed());
     }
 
     #[test]
