@@ -107,10 +107,8 @@ impl<'a> Attrs<'a> {
         name: &str,
         get: impl FnOnce(Value<'a>) -> Result<T, String>,
     ) -> Result<T, FfiError> {
-        match self.find(name) {
-            None => Err(FfiError::invalid(format!("missing attribute `{name}`"))),
-            Some(v) => get(v).map_err(|e| FfiError::invalid(format!("attribute `{name}`: {e}"))),
-        }
+        self.optional(name, get)?
+            .ok_or_else(|| FfiError::invalid(format!("missing attribute `{name}`")))
     }
 
     fn optional<T>(
@@ -118,12 +116,10 @@ impl<'a> Attrs<'a> {
         name: &str,
         get: impl FnOnce(Value<'a>) -> Result<T, String>,
     ) -> Result<Option<T>, FfiError> {
-        match self.find(name) {
-            None => Ok(None),
-            Some(v) => get(v)
-                .map(Some)
-                .map_err(|e| FfiError::invalid(format!("attribute `{name}`: {e}"))),
-        }
+        self.find(name)
+            .map(get)
+            .transpose()
+            .map_err(|e| FfiError::invalid(format!("attribute `{name}`: {e}")))
     }
 
     /// A float scalar (F32 or F64; F64 is rounded to f32).

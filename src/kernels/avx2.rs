@@ -357,8 +357,8 @@ impl Avx2 {
 }
 
 /// Bytes ahead a KN GEMV prefetches in the stream of its slab, one prefetch per cache line.
-/// (Prefetching each line twice, or 16 KiB ahead, streamed Gemma3-270M's KN shapes from DRAM
-/// 10-25 % slower on two threads.)
+/// (Prefetching each line twice, or 16 KiB ahead, streamed Gemma3-270M's KN shapes from DRAM up
+/// to 25 % slower on two threads.)
 const KN_PREFETCH_BYTES: usize = 4096;
 /// Bytes ahead an NK GEMV prefetches.
 const NK_PREFETCH_BYTES: usize = 4096;
