@@ -13,6 +13,7 @@ use crate::fp8::{self, Format};
 use crate::kernels::{fp8_matmul, Fp8Weights, WeightScale};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
+use std::borrow::Cow;
 
 const ATTRS: &[&str] = &[
     "a_format",
@@ -225,12 +226,16 @@ pub(crate) fn plan(
 
 /// One scale per output column (`[batch, n]`) from the per-channel operand: either already one
 /// per output channel, or one per index of rhs dimension `dim` (a free dim), times `factor`.
-fn per_channel_scales(
+///
+/// Runs on every call, so the common case (one batch, the scales already one per column, a
+/// factor of 1) borrows the operand instead of building a copy, and the copy is built by
+/// repeating runs rather than dividing per column.
+fn per_channel_scales<'s>(
     plan: &Plan,
-    given: &[f32],
+    given: &'s [f32],
     dim: Option<i64>,
     factor: f32,
-) -> Result<Vec<f32>, FfiError> {
+) -> Result<Cow<'s, [f32]>, FfiError> {
     let (batch, n) = (plan.batch(), plan.n());
     let Some(dim) = dim else {
         if given.len() != batch * n {
@@ -241,7 +246,11 @@ fn per_channel_scales(
                 given.len()
             )));
         }
-        return Ok(given.iter().map(|s| s * factor).collect());
+        return Ok(if factor == 1.0 {
+            Cow::Borrowed(given)
+        } else {
+            Cow::Owned(given.iter().map(|s| s * factor).collect())
+        });
     };
     let pos = plan
         .rhs_free
@@ -261,11 +270,19 @@ fn per_channel_scales(
             given.len()
         )));
     }
+    if batch == 1 && size == n && factor == 1.0 {
+        return Ok(Cow::Borrowed(given));
+    }
+    // Column c has scale given[(c / stride) % size]: each scale covers a run of `stride`
+    // columns, and the runs of all `size` scales repeat until the row is full.
     let stride: usize = plan.rhs_free[pos + 1..].iter().map(|p| p.1).product();
-    let row: Vec<f32> = (0..n)
-        .map(|c| given[(c / stride) % size] * factor)
-        .collect();
-    Ok(row.repeat(batch))
+    let mut row = Vec::with_capacity(batch * n);
+    for _ in 0..batch * n / (size * stride).max(1) {
+        for s in given {
+            row.extend(std::iter::repeat_n(s * factor, stride));
+        }
+    }
+    Ok(Cow::Owned(row))
 }
 
 /// Gathers the lhs into a packed float32 `[batch, m, k]` panel.
@@ -350,17 +367,20 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
                 )));
             }
             let given = v.slice::<f32>("operand 2 (w_scale)")?;
-            if let Some((i, s)) = given
-                .iter()
-                .enumerate()
-                .find(|(_, s)| !(s.is_finite() && **s > 0.0))
-            {
+            // A branch-free pass first (it runs on every call); the search only on failure.
+            let valid = |s: &f32| s.is_finite() & (*s > 0.0);
+            if !given.iter().fold(true, |ok, s| ok & valid(s)) {
+                let (i, s) = given
+                    .iter()
+                    .enumerate()
+                    .find(|(_, s)| !valid(s))
+                    .unwrap_or((0, &f32::NAN));
                 return Err(FfiError::invalid(format!(
                     "operand 2 (w_scale): scale {i} must be finite and > 0, got {s}"
                 )));
             }
             scale_vec = per_channel_scales(&plan, given, attrs.opt_i64("w_scale_dim")?, factor)?;
-            WeightScale::PerChannel(&scale_vec)
+            WeightScale::PerChannel(&scale_vec[..])
         }
     };
     let out = call.take_ret(0)?;
@@ -381,25 +401,35 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         k: plan.k,
         inner: plan.inner,
     };
-    let mut packed = match lhs.dtype() {
+    // The activation QDQ applies to the packed lhs. A float32 lhs that is already packed (the
+    // usual decode case) is read straight from XLA's buffer: no copy without a QDQ, and the
+    // QDQ writes its own buffer directly; a gathered lhs gets the QDQ after the gather.
+    let with_qdq = |mut p: Vec<f32>| {
+        if let Some(s) = a_scale {
+            let src = p.clone();
+            fp8::qdq(a_format, s, &src, &mut p);
+        }
+        p
+    };
+    let packed = match lhs.dtype() {
         DataType::F32 => {
             let src = lhs.slice::<f32>("operand 0 (lhs)")?;
-            if plan.lhs_is_packed() && a_scale.is_none() {
-                None
-            } else {
-                Some(pack_lhs(&plan, src, |x| x))
+            match (plan.lhs_is_packed(), a_scale) {
+                (true, None) => None,
+                (true, Some(s)) => {
+                    let mut q = vec![0f32; src.len()];
+                    fp8::qdq(a_format, s, src, &mut q);
+                    Some(q)
+                }
+                (false, _) => Some(with_qdq(pack_lhs(&plan, src, |x| x))),
             }
         }
-        _ => Some(pack_lhs(
+        _ => Some(with_qdq(pack_lhs(
             &plan,
             lhs.slice::<bf16>("operand 0 (lhs)")?,
             bf16::to_f32,
-        )),
+        ))),
     };
-    if let (Some(s), Some(p)) = (a_scale, packed.as_mut()) {
-        let src = p.clone();
-        fp8::qdq(a_format, s, &src, p);
-    }
     let lhs_f32: &[f32] = match &packed {
         Some(p) => p,
         None => lhs.slice::<f32>("operand 0 (lhs)")?,

@@ -84,6 +84,25 @@ def test_dimension_patterns(pattern, fmt, per_channel, a_scale, rng):
     check(got, want)
 
 
+@pytest.mark.parametrize("pattern", sorted(KEY_PATTERNS))
+@pytest.mark.parametrize("a_scale", [None, 0.05])
+def test_scales_along_one_free_dim(pattern, a_scale, rng):
+    """`w_scale_dim`: one scale per index of one rhs free dim, whichever it is (a run of
+    columns per scale when it is not the last free dim, repeated per batch)."""
+    ls, rs, dn, _ = KEY_PATTERNS[pattern]
+    (_, rc), (_, rb) = dn
+    x = rng.standard_normal(ls).astype(np.float32) * 3
+    w = rng.standard_normal(rs).astype(np.float32) * 0.2
+    free = [d for d in range(len(rs)) if d not in rc and d not in rb]
+    for d in free:
+        codes, scale = ops.quantize_weight(w, "e4m3fn", d)
+        assert scale.shape == (rs[d],)
+        got = jax.jit(lambda a, q, s, d=d: ops.fp8_matmul(a, q, s, dn, a_scale=a_scale,
+                                                           w_scale_dim=d))(x, codes, scale)
+        want = fake_quant_reference(x, codes, scale, dn, a_scale, "e4m3fn", (d,))
+        check(got, want)
+
+
 M_SIZES = [0, 1, 3, 17, 512]
 K_SIZES = [1, 15, 640, 2048]
 N_SIZES = [1, 7, 256, 2048]
