@@ -401,34 +401,30 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         k: plan.k,
         inner: plan.inner,
     };
-    // The activation QDQ applies to the packed lhs. A float32 lhs that is already packed (the
-    // usual decode case) is read straight from XLA's buffer: no copy without a QDQ, and the
-    // QDQ writes its own buffer directly; a gathered lhs gets the QDQ after the gather.
-    let with_qdq = |mut p: Vec<f32>| {
-        if let Some(s) = a_scale {
-            let src = p.clone();
-            fp8::qdq(a_format, s, &src, &mut p);
-        }
-        p
+    // The activation QDQ applies to the packed lhs, written to a buffer of its own. A float32
+    // lhs that is already packed (the usual decode case) is read straight from XLA's buffer:
+    // not copied at all without a QDQ, and QDQ-ed without a gather with one.
+    let quantized = |src: &[f32]| {
+        a_scale.map(|s| {
+            let mut q = vec![0f32; src.len()];
+            fp8::qdq(a_format, s, src, &mut q);
+            q
+        })
     };
     let packed = match lhs.dtype() {
         DataType::F32 => {
             let src = lhs.slice::<f32>("operand 0 (lhs)")?;
-            match (plan.lhs_is_packed(), a_scale) {
-                (true, None) => None,
-                (true, Some(s)) => {
-                    let mut q = vec![0f32; src.len()];
-                    fp8::qdq(a_format, s, src, &mut q);
-                    Some(q)
-                }
-                (false, _) => Some(with_qdq(pack_lhs(&plan, src, |x| x))),
+            if plan.lhs_is_packed() {
+                quantized(src)
+            } else {
+                let p = pack_lhs(&plan, src, |x| x);
+                Some(quantized(&p).unwrap_or(p))
             }
         }
-        _ => Some(with_qdq(pack_lhs(
-            &plan,
-            lhs.slice::<bf16>("operand 0 (lhs)")?,
-            bf16::to_f32,
-        ))),
+        _ => {
+            let p = pack_lhs(&plan, lhs.slice::<bf16>("operand 0 (lhs)")?, bf16::to_f32);
+            Some(quantized(&p).unwrap_or(p))
+        }
     };
     let lhs_f32: &[f32] = match &packed {
         Some(p) => p,
