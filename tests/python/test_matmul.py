@@ -138,6 +138,11 @@ def test_bf16_in_and_out(rng):
     check(got, want, tol=1e-2)
     got32 = ops.fp8_matmul(x, codes, 0.02, out_dtype=jnp.float32)
     check(got32, want)
+    # With an activation scale: the bfloat16 lhs is widened, then QDQ-ed.
+    got_q = ops.fp8_matmul(x, codes, 0.02, a_scale=0.05, out_dtype=jnp.float32)
+    want_q = fake_quant_reference(x.astype(np.float32), codes, 0.02, (([1], [0]), ([], [])),
+                                  a_scale=0.05)
+    check(got_q, want_q)
 
 
 def test_nan_weight_code_propagates(rng):
