@@ -7,29 +7,31 @@ Compressor's FP8 and Keras' int8, on speed, memory and quality.
 For every contender, in its own processes (benches/e2e_worker.py says what each measures and
 how): prefill tokens/s, decode tokens/s, peak RSS, GPL-3 perplexity and top-1 agreement with
 float32. Quantized contenders are built and saved by a preparation process and loaded fresh by
-the measuring process, so that the peak RSS is the deployed model's. The results go to
-OUT/results.json, OUT/results.md and OUT/results.png; a contender that cannot run is reported
-there as skipped or failed, with the reason.
+the measuring process, so that the peak RSS is the deployed model's. The measuring processes
+stay loaded together and take their decode repetitions in rounds, one of each contender per
+round (``run_contenders``). The results go to OUT/results.json, OUT/results.md and
+OUT/results.png; a contender that cannot run is reported there as skipped or failed, with the
+reason.
 
 Results layout (results.json): ``machine``, ``versions``, ``settings``, ``load_average``
 (start/end), ``targets`` and ``contenders``, a list of ``{key, label, status ("ok" | "skipped"
-| "failed"), reason, prepare, measure, load_average {before, after}, other_cpu, wall_seconds,
-top1_agreement, vs_float32 {prefill, decode, peak_rss}}``; ``prepare`` and ``measure`` are what
-the worker processes wrote.
+| "failed"), reason, prepare, measure, load_average {before, after}, other_cpu, top1_agreement,
+vs_float32 {prefill, decode, peak_rss}}``; ``prepare`` and ``measure`` are what the worker
+processes wrote; ``load_average`` (1/5/15 min, at the contender's first decode repetition and
+after its last) and ``other_cpu`` (the share of all cores that other processes used during its
+decode repetitions) say how busy the machine was while its decode was timed.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 import e2e_contenders  # noqa: E402
 import e2e_report  # noqa: E402
-from e2e_worker import PROGRESS_PREFIX  # noqa: E402
+from e2e_process import WorkerFailed, WorkerProcess  # noqa: E402
 from fp8xla.perplexity import GPL3_PATH  # noqa: E402  (the protocol's text)
 
 
@@ -73,9 +75,11 @@ class Progress:
         self.stream = stream or sys.stderr
 
     def __call__(self, index: int, label: str, msg: str) -> None:
+        self.note(f"({index}/{self.total}) {label} | {msg}")
+
+    def note(self, msg: str) -> None:
         s = int(time.perf_counter() - self.t0)
-        print(f"[bench {s // 60:02d}:{s % 60:02d}] ({index}/{self.total}) {label} | {msg}",
-              file=self.stream, flush=True)
+        print(f"[bench {s // 60:02d}:{s % 60:02d}] {msg}", file=self.stream, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,94 +144,119 @@ def _cpu_busy_seconds():
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _children_cpu_seconds():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 # ---------------------------------------------------------------------------------------------
-# running one worker
+# running the workers
 
 
 def run_worker(phase, contender, settings, work, report, timeout):
-    """Runs e2e_worker.py; forwards its progress lines, logs the rest to WORK/PHASE.log.
-    Returns what the worker wrote, or a failure record if it wrote nothing."""
-    work.mkdir(parents=True, exist_ok=True)
-    result_path = work / f"{phase}.json"
-    result_path.unlink(missing_ok=True)
-    log_path = work / f"{phase}.log"
-    cmd = [sys.executable, str(HERE / "e2e_worker.py"), phase, contender.key,
-           "--work", str(work), "--settings", json.dumps(asdict(settings))]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """Runs one e2e_worker.py process to its end (at most ``timeout`` seconds); returns what
+    it wrote, or a failure record if it wrote nothing."""
     report(f"{phase} ...")
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True,
-                                errors="replace", env=env)
-        # a worker that hangs silently would block the loop below: kill it at the deadline
-        watchdog = threading.Timer(timeout, proc.kill)
-        watchdog.start()
-        try:
-            for line in proc.stderr:
-                if line.startswith(PROGRESS_PREFIX):
-                    report(f"{phase}: {line[len(PROGRESS_PREFIX):].rstrip()}")
-                else:
-                    log.write(line)
-            code = proc.wait()
-        finally:
-            watchdog.cancel()
-    seconds = time.perf_counter() - t0
-    if result_path.is_file():
-        result = json.loads(result_path.read_text())
-    else:
-        timed_out = seconds >= timeout
-        result = {"status": "failed",
-                  "error": (f"timed out after {timeout:.0f} s" if timed_out else
-                            f"the {phase} process exited with code {code} and wrote no "
-                            f"results") + f"; last log lines: {_tail(log_path)}"}
-    if result["status"] != "ok":
-        report(f"{phase} FAILED: {result.get('error')} (log: {log_path})")
-    else:
-        report(f"{phase} done in {seconds:.0f} s")
-    return result
+    return WorkerProcess(phase, contender, asdict(settings), work, report).result(timeout)
 
 
-def _tail(path, lines=3):
+def _entry(contender) -> dict:
+    return {"key": contender.key, "label": contender.label, "status": "ok", "reason": None,
+            "prepare": None, "measure": None, "top1_agreement": None, "vs_float32": None}
+
+
+class _Repetitions:
+    """The load around one contender's decode repetitions: the load average at the first
+    and after the last, and the CPU time the rest of the machine used during them."""
+
+    def __init__(self):
+        self.before = self.after = None
+        self.other = self.wall = 0.0
+        self.complete = True
+
+    def timed(self, worker, run):
+        if self.before is None:
+            self.before = list(os.getloadavg())
+        busy0, own0, t0 = _cpu_busy_seconds(), worker.cpu_seconds(), time.perf_counter()
+        run()
+        wall = time.perf_counter() - t0
+        busy1, own1 = _cpu_busy_seconds(), worker.cpu_seconds()
+        self.after = list(os.getloadavg())
+        if None in (busy0, busy1, own0, own1):
+            self.complete = False
+        else:
+            self.other += max(0.0, (busy1 - busy0) - (own1 - own0))
+            self.wall += wall
+
+    def record(self, entry) -> None:
+        if self.before is None:
+            return
+        entry["load_average"] = {"before": self.before, "after": self.after}
+        if self.complete and self.wall > 0:
+            entry["other_cpu"] = self.other / (self.wall * (os.cpu_count() or 1))
+
+
+def run_contenders(contenders, settings, work_root, progress, timeout) -> list:
+    """Prepares every contender, then measures them together: each measuring worker is
+    loaded and warmed up in turn and stays loaded; the decode repetitions run in rounds, one
+    of each contender per round; then each worker scores (prefill and quality) and exits.
+    Interleaving makes the decode ratios compare minutes of the same host state: a host's
+    memory bandwidth drifts over minutes, and one contender measured in a slow stretch would
+    otherwise lose to the others by that alone. ``progress(index, label, message)`` and
+    ``progress.note(message)`` show what happens; ``timeout`` bounds each step of a worker."""
+    entries = [_entry(c) for c in contenders]
+    reports = [functools.partial(progress, i, c.label) for i, c in enumerate(contenders, 1)]
+    for c, entry, report in zip(contenders, entries, reports):
+        missing = c.missing_requirement()
+        if missing:
+            entry.update(status="skipped", reason=missing)
+            report(f"skipped: {missing}")
+            continue
+        entry["prepare"] = run_worker("prepare", c, settings, work_root / c.key, report,
+                                      timeout)
+        if entry["prepare"]["status"] != "ok":
+            entry.update(status="failed",
+                         reason=f"preparation failed: {entry['prepare'].get('error')}")
+
+    def fail(entry, worker, error):
+        entry["measure"] = worker.failure(str(error))
+        entry.update(status="failed", reason=entry["measure"].get("error"))
+
+    live = []  # (worker, entry, repetitions) of the contenders still being measured
     try:
-        text = Path(path).read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+        for c, entry, report in zip(contenders, entries, reports):
+            if entry["status"] != "ok":
+                continue
+            report("measure ...")
+            worker = WorkerProcess("measure", c, asdict(settings), work_root / c.key, report,
+                                   serve=True)
+            try:
+                worker.wait_event("ready", timeout, "while loading and warming up")
+            except WorkerFailed as e:
+                fail(entry, worker, e)
+                continue
+            live.append((worker, entry, _Repetitions()))
+        for r in range(1, settings.reps + 1):
+            if live:
+                progress.note(f"decode round {r}/{settings.reps}: one repetition of each of "
+                              f"{len(live)} contenders")
+            for item in list(live):
+                worker, entry, reps = item
 
+                def one_rep(worker=worker):
+                    worker.send("decode")
+                    worker.wait_event("rep", timeout, f"in decode repetition {r}")
 
-def run_contender(contender, settings, work_root, report, timeout):
-    entry = {"key": contender.key, "label": contender.label, "status": "ok", "reason": None,
-             "prepare": None, "measure": None, "top1_agreement": None, "vs_float32": None}
-    missing = contender.missing_requirement()
-    if missing:
-        entry.update(status="skipped", reason=missing)
-        report(f"skipped: {missing}")
-        return entry
-    work = work_root / contender.key
-    entry["load_average"] = {"before": list(os.getloadavg())}
-    busy0, own0, t0 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
-    entry["prepare"] = run_worker("prepare", contender, settings, work, report, timeout)
-    if entry["prepare"]["status"] != "ok":
-        entry.update(status="failed",
-                     reason=f"preparation failed: {entry['prepare'].get('error')}")
-    if entry["status"] == "ok":
-        entry["measure"] = run_worker("measure", contender, settings, work, report, timeout)
-        if entry["measure"]["status"] != "ok":
-            entry.update(status="failed", reason=entry["measure"].get("error"))
-    wall = time.perf_counter() - t0
-    entry["wall_seconds"] = wall
-    entry["load_average"]["after"] = list(os.getloadavg())
-    busy1 = _cpu_busy_seconds()
-    if busy0 is not None and busy1 is not None and wall > 0:
-        # CPU time the rest of the machine used meanwhile, as a share of all cores
-        other = (busy1 - busy0) - (_children_cpu_seconds() - own0)
-        entry["other_cpu"] = max(0.0, other) / (wall * (os.cpu_count() or 1))
-    return entry
+                try:
+                    reps.timed(worker, one_rep)
+                except WorkerFailed as e:
+                    fail(entry, worker, e)
+                    live.remove(item)
+        for worker, entry, reps in live:
+            reps.record(entry)
+            entry["measure"] = worker.result(timeout)  # end of commands: prefill and quality
+            if entry["measure"]["status"] != "ok":
+                entry.update(status="failed", reason=entry["measure"].get("error"))
+        live = []
+    finally:
+        for worker, _, _ in live:  # an interrupted run leaves no worker behind
+            worker.kill()
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +326,8 @@ def parse_args(argv):
                     help="tiny prompt, few tokens, 2 perplexity chunks: a smoke test")
     ap.add_argument("--text", default=GPL3_PATH, help="text for prompts and perplexity")
     ap.add_argument("--timeout", type=float, default=3600,
-                    help="seconds one preparation or measuring process may take")
+                    help="seconds one step of a worker process may take: a preparation, "
+                         "loading and warming up, a decode repetition, scoring")
     args = ap.parse_args(argv)
     chosen = [k.strip() for k in args.contenders.split(",") if k.strip()]
     unknown = [k for k in chosen if k not in e2e_contenders.BY_KEY]
@@ -332,13 +362,8 @@ def main(argv=None) -> int:
         "load_average": {"start": list(os.getloadavg())},
         "contenders": [],
     }
-    progress = Progress(len(args.contenders))
-    for i, c in enumerate(args.contenders, 1):
-        def report(msg, i=i, c=c):
-            progress(i, c.label, msg)
-
-        results["contenders"].append(
-            run_contender(c, settings, work_root, report, args.timeout))
+    results["contenders"] = run_contenders(args.contenders, settings, work_root,
+                                           Progress(len(args.contenders)), args.timeout)
     compare(results, work_root)
     results["load_average"]["end"] = list(os.getloadavg())
     results["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

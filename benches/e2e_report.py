@@ -105,8 +105,8 @@ def _pct(v):
 
 
 def _load(c):
-    """1-minute load average before → after the contender, and the share of all cores that
-    other processes used meanwhile."""
+    """1-minute load average at the contender's first decode repetition → after its last, and
+    the share of all cores that other processes used during its repetitions."""
     la = c.get("load_average") or {}
     before, after = la.get("before"), la.get("after")
     if not before or not after:
@@ -167,14 +167,17 @@ def markdown(results: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".",
         f"Load average (1/5/15 min) at start {_triple(la.get('start'))}, at end "
         f"{_triple(la.get('end'))}. The benchmark itself keeps up to "
-        f"{m['cores']} cores busy; the others' CPU column is the share of all cores that other "
-        "processes used while a contender ran.",
+        f"{m['cores']} cores busy; the load column gives the 1-minute load average at a "
+        "contender's first decode repetition and after its last, and the share of all cores "
+        "that other processes used during its decode repetitions.",
         "",
         f"Prefill: forward pass over {s['ppl_chunk_tokens'] + 1} tokens (logits for every "
         f"position), timed on each of the {s['ppl_chunks']} GPL-3 chunks, median and min–max. "
         f"Decode: {s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt "
         "(generate time minus the same compiled generate with no decode step), median and "
-        f"min–max of {s['reps']} repetitions. Compile time is excluded (every shape runs once "
+        f"min–max of {s['reps']} repetitions, taken in rounds: every contender stays loaded "
+        "and each round runs one repetition of each in turn. Compile time is excluded "
+        "(every shape runs once "
         "untimed first). Peak RSS: the measuring process's high-water mark while loading the "
         "deployed model and generating (quantized contenders were prepared and saved by "
         "another process); RSS after generate: what stays resident. Perplexity and top-1 "

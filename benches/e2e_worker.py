@@ -23,8 +23,17 @@ read for each phase: loading, generating, scoring):
 
 Every shape runs once untimed first (that call compiles): compile time is never timed.
 Decode gets ``reps`` timed repetitions, prefill one timed call per GPL-3 chunk.
-Progress lines for the driver start with ``@@progress``; everything else the libraries print
-goes to the driver's log. The results go to DIR/CONTENDER/<phase>.json.
+
+With ``--serve``, ``measure`` runs its decode repetitions when the driver asks: once loaded
+and warmed up it sends the event ``ready``, then reads commands from stdin, one per line:
+``decode`` runs one repetition and answers with the event ``rep``; ``finish`` (or the end of
+stdin) goes on to prefill and quality. So the driver can keep every contender loaded and
+measure them in rounds, one repetition each, and no contender's median depends on which
+minutes of the run it happened to get (a host's memory bandwidth drifts over minutes).
+
+Progress lines for the driver start with ``@@progress``, events with ``@@event`` (then JSON);
+everything else the libraries print goes to the driver's log. The results go to
+DIR/CONTENDER/<phase>.json.
 """
 from __future__ import annotations
 
@@ -42,10 +51,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_contenders  # noqa: E402
 
 PROGRESS_PREFIX = "@@progress "
+EVENT_PREFIX = "@@event "
 
 
 def progress(msg: str) -> None:
     print(PROGRESS_PREFIX + msg, file=sys.stderr, flush=True)
+
+
+def event(name: str, **fields) -> None:
+    print(EVENT_PREFIX + json.dumps({"event": name, **fields}), file=sys.stderr, flush=True)
 
 
 class Step:
@@ -111,56 +125,82 @@ def stats(values) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_decode(model, text_ids, bos, s, out):
-    """Decode tokens/s from two generate runs of one compiled shape (see the module doc)."""
-    import numpy as np
-    from fp8xla import keras as fk
+class DecodeBench:
+    """Decode tokens/s from two generate runs of one compiled shape (see the module doc):
+    compiled and warmed up on creation, then one timed repetition per ``rep()``."""
 
-    p, n = s["prompt_tokens"], s["new_tokens"]
-    total = p + n
-    if getattr(model, "fp8", None) is None:
-        # Keras-Hub 0.32's own generate function fails without a preprocessor (it returns
-        # "images": None); this is the same jitted generate step behind fp8xla's wrapper.
-        model.generate_function = fk.float_generate_function(model)
-    full = np.concatenate([[bos], text_ids[: total - 1]]).astype(np.int32)[None, :]
-    batches = {
-        "prompt": {"token_ids": np.where(np.arange(total) < p, full, 0).astype(np.int32),
-                   "padding_mask": (np.arange(total) < p)[None, :]},
-        "full": {"token_ids": full, "padding_mask": np.ones((1, total), bool)},
-    }
-    preprocessor = model.preprocessor
+    def __init__(self, model, text_ids, bos, s, out):
+        import numpy as np
+        from fp8xla import keras as fk
 
-    def generate(which):
+        self.model, self.out, self.reps = model, out, s["reps"]
+        p, self.n = s["prompt_tokens"], s["new_tokens"]
+        total = p + self.n
+        if getattr(model, "fp8", None) is None:
+            # Keras-Hub 0.32's own generate function fails without a preprocessor (it returns
+            # "images": None); this is the same jitted generate step behind fp8xla's wrapper.
+            model.generate_function = fk.float_generate_function(model)
+        full = np.concatenate([[bos], text_ids[: total - 1]]).astype(np.int32)[None, :]
+        self.batches = {
+            "prompt": {"token_ids": np.where(np.arange(total) < p, full, 0).astype(np.int32),
+                       "padding_mask": (np.arange(total) < p)[None, :]},
+            "full": {"token_ids": full, "padding_mask": np.ones((1, total), bool)},
+        }
+        self.t_prompt, self.t_full, self.rates = [], [], []
+        with Step(f"decode: compile and warm up [1, {total}]") as st:
+            self._generate("full")
+            _, ids = self._generate("prompt")
+        out["decode_warmup_seconds"] = st.seconds
+        new = ids[0, p:]
+        out["continuation_ids"] = new[:16].tolist()
+        try:
+            out["continuation"] = model.preprocessor.tokenizer.detokenize(new[:16])
+        except Exception:  # informative only
+            pass
+
+    def _generate(self, which):
+        import numpy as np
+
+        model = self.model
+        preprocessor = model.preprocessor
         model.preprocessor = None  # the inputs are token ids already
         try:
             t0 = time.perf_counter()
-            result = model.generate(batches[which], stop_token_ids=None)
+            result = model.generate(self.batches[which], stop_token_ids=None)
             ids = np.asarray(result["token_ids"])
             return time.perf_counter() - t0, ids
         finally:
             model.preprocessor = preprocessor
 
-    with Step(f"decode: compile and warm up [1, {total}]") as st:
-        generate("full")
-        _, ids = generate("prompt")
-    out["decode_warmup_seconds"] = st.seconds
-    new = ids[0, p:]
-    out["continuation_ids"] = new[:16].tolist()
-    try:
-        out["continuation"] = preprocessor.tokenizer.detokenize(new[:16])
-    except Exception:  # informative only
-        pass
-    t_prompt, t_full, rates = [], [], []
-    for r in range(s["reps"]):
-        with Step(f"decode rep {r + 1}/{s['reps']}"):
-            tf, _ = generate("full")
-            tp, _ = generate("prompt")
-        t_full.append(tf)
-        t_prompt.append(tp)
-        rates.append(n / (tp - tf) if tp > tf else float("nan"))
-    out["generate_seconds"] = stats(t_prompt)  # P-token prompt + N new tokens, end to end
-    out["generate_fixed_seconds"] = stats(t_full)  # same shape, no decode step
-    out["decode_tokens_per_s"] = stats(rates)
+    def rep(self) -> float:
+        """One timed repetition; returns its decode tokens/s (NaN if it made no sense)."""
+        with Step(f"decode rep {len(self.rates) + 1}/{self.reps}"):
+            tf, _ = self._generate("full")
+            tp, _ = self._generate("prompt")
+        self.t_full.append(tf)
+        self.t_prompt.append(tp)
+        self.rates.append(self.n / (tp - tf) if tp > tf else float("nan"))
+        return self.rates[-1]
+
+    def summarize(self) -> None:
+        out = self.out
+        out["generate_seconds"] = stats(self.t_prompt)  # P-token prompt + N new tokens
+        out["generate_fixed_seconds"] = stats(self.t_full)  # same shape, no decode step
+        out["decode_tokens_per_s"] = stats(self.rates)
+
+
+def serve_decode(bench: DecodeBench) -> None:
+    """The driver's commands (see the module doc) until ``finish`` or the end of stdin."""
+    event("ready")
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "finish":
+            return
+        if command != "decode":
+            raise ValueError(f"e2e_worker: unknown command {command!r} (expected 'decode' or "
+                             "'finish')")
+        rate = bench.rep()
+        event("rep", tokens_per_s=None if rate != rate else rate)
 
 
 def measure_prefill_and_quality(model, bos, s, out, work):
@@ -204,7 +244,7 @@ def measure_prefill_and_quality(model, bos, s, out, work):
     out["perplexity_seconds"] = r.seconds
 
 
-def measure(contender, s, work) -> dict:
+def measure(contender, s, work, serve=False) -> dict:
     import fp8xla
     import fp8xla.keras  # noqa: F401  (JAX, Keras and Keras-Hub: the runtime every one needs)
     import fp8xla.models  # noqa: F401
@@ -223,7 +263,13 @@ def measure(contender, s, work) -> dict:
     bos = int(tokenizer.start_token_id)
     text_ids = perplexity.gpl3_token_chunks(
         tokenizer, s["text_path"], 1, s["prompt_tokens"] + s["new_tokens"])[0]
-    measure_decode(model, text_ids, bos, s, out)
+    bench = DecodeBench(model, text_ids, bos, s, out)
+    if serve:
+        serve_decode(bench)
+    else:
+        for _ in range(s["reps"]):
+            bench.rep()
+    bench.summarize()
     mem["generate"] = memory()
     reset_peak()
     measure_prefill_and_quality(model, bos, s, out, work)
@@ -250,6 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("contender", choices=sorted(e2e_contenders.BY_KEY))
     ap.add_argument("--work", required=True, help="this contender's work directory")
     ap.add_argument("--settings", required=True, help="the benchmark settings as JSON")
+    ap.add_argument("--serve", action="store_true",
+                    help="measure: run the decode repetitions on the driver's commands")
     args = ap.parse_args(argv)
     contender = e2e_contenders.BY_KEY[args.contender]
     settings = json.loads(args.settings)
@@ -257,8 +305,11 @@ def main(argv=None) -> int:
     result_path = os.path.join(args.work, f"{args.phase}.json")
     t0 = time.perf_counter()
     try:
-        run = measure if args.phase == "measure" else prepare
-        result = {"status": "ok", **run(contender, settings, args.work)}
+        if args.phase == "measure":
+            result = measure(contender, settings, args.work, serve=args.serve)
+        else:
+            result = prepare(contender, settings, args.work)
+        result = {"status": "ok", **result}
         code = 0
     except Exception as e:
         traceback.print_exc()

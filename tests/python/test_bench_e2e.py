@@ -114,11 +114,25 @@ def test_chart_without_any_measurement(tmp_path):
     assert "skipped: not installed" in e2e_report.markdown(results)
 
 
+class _Lines:
+    """A progress display that keeps its lines."""
+
+    def __init__(self, lines):
+        self.lines = lines
+
+    def __call__(self, index, label, msg):
+        self.note(f"({index}) {label} | {msg}")
+
+    def note(self, msg):
+        self.lines.append(msg)
+
+
 def test_missing_requirement_is_a_reported_skip(tmp_path):
     c = e2e_contenders.Contender("inc-fp8", "needs a module", "inc",
                                  requires="fp8xla_no_such_module", install_hint="pip install it")
     lines = []
-    entry = e2e.run_contender(c, e2e.Settings.quick(), tmp_path, lines.append, timeout=60)
+    progress = _Lines(lines)
+    (entry,) = e2e.run_contenders([c], e2e.Settings.quick(), tmp_path, progress, timeout=60)
     assert entry["status"] == "skipped"
     assert "fp8xla_no_such_module is not installed (pip install it)" in entry["reason"]
     assert any("skipped" in line for line in lines)
@@ -168,19 +182,30 @@ def test_quick_run_on_a_tiny_model(tiny_preset, tmp_path):
     # The installed CLI in a fresh process, from the checkout, as the README runs it.
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "fp8xla.cli", "bench", "--quick", "-m", str(tiny_preset),
-         "--out", str(out), "--contenders", "float32,fp8xla-e4m3"],
+        [sys.executable, "-m", "fp8xla.cli", "bench", "--quick", "--reps", "2", "-m",
+         str(tiny_preset), "--out", str(out), "--contenders", "float32,fp8xla-e4m3"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     progress = [line for line in run.stderr.splitlines() if line.startswith("[bench ")]
-    assert any("(2/2) fp8xla e4m3 w+a | measure: decode rep 1/1" in line for line in progress)
+    # the decode repetitions run in rounds, one of each contender per round
+    reps = [line.split("] ", 1)[1] for line in progress if "| measure: decode rep" in line
+            and line.endswith(" s")]
+    assert [r.rsplit(":", 1)[0] for r in reps] == [
+        "(1/2) float32 Keras (XLA) | measure: decode rep 1/2",
+        "(2/2) fp8xla e4m3 w+a | measure: decode rep 1/2",
+        "(1/2) float32 Keras (XLA) | measure: decode rep 2/2",
+        "(2/2) fp8xla e4m3 w+a | measure: decode rep 2/2",
+    ], progress
+    assert sum("decode round" in line for line in progress) == 2
     results = json.loads((out / "results.json").read_text())
     assert [c["key"] for c in results["contenders"]] == ["float32", "fp8xla-e4m3"]
     s = results["settings"]
+    assert s["reps"] == 2
     for c in results["contenders"]:
         assert c["status"] == "ok", c["reason"]
         m = c["measure"]
         assert len(m["decode_tokens_per_s"]["values"]) == s["reps"]
+        assert 0.0 <= c["other_cpu"] <= 1.0 and len(c["load_average"]["before"]) == 3
         assert m["prefill_tokens_per_s"]["median"] > 0
         assert m["num_predictions"] == s["ppl_chunks"] * s["ppl_chunk_tokens"]
         assert math.isfinite(m["perplexity"])
@@ -221,3 +246,25 @@ def test_a_worker_past_its_timeout_is_killed_and_reported(tmp_path):
     assert result["status"] == "failed"
     assert result["error"].startswith("timed out after")
     assert any("FAILED" in line for line in lines)
+
+
+def test_a_serving_worker_that_fails_is_reported(tiny_preset, tmp_path):
+    # A measuring worker that takes commands: an unknown one ends it with an error, which the
+    # driver gets back as the contender's failure.
+    from e2e_process import WorkerFailed, WorkerProcess
+
+    lines = []
+    settings = dataclasses.asdict(e2e.Settings.quick(model=str(tiny_preset)))
+    worker = WorkerProcess("measure", e2e_contenders.BY_KEY["float32"], settings,
+                           tmp_path / "w", lines.append, serve=True)
+    worker.wait_event("ready", 300, "while loading")
+    worker.send("decode")
+    rate = worker.wait_event("rep", 300, "in a repetition")["tokens_per_s"]
+    assert rate is None or rate > 0  # None: a NaN rate (a tiny model's decode time is noise)
+    worker.send("no-such-command")
+    with pytest.raises(WorkerFailed, match="ended in the next repetition"):
+        worker.wait_event("rep", 300, "in the next repetition")
+    result = worker.failure("it stopped")
+    assert result["status"] == "failed"
+    assert "unknown command 'no-such-command'" in result["error"]
+    assert any("measure FAILED" in line for line in lines)
