@@ -602,7 +602,8 @@ unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
 const CVT32_ORDER: [usize; 4] = [0, 16, 8, 24];
 
 /// 32 FP8 codes as four vectors of 8 f32 (in `CVT32_ORDER`; e4m3fn: times 2^-8), without the
-/// e4m3fn NaN fix: the callers check for NaN codes with `nan_codes` and fall back to `cvt16`.
+/// e4m3fn NaN fix: the callers check for NaN codes (`nan_codes`, `NanScan`) and fall back to
+/// `cvt16`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
@@ -624,12 +625,44 @@ unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
     ]
 }
 
-/// Accumulates (as all-ones bytes) which of 32 codes are e4m3fn NaNs.
+/// Accumulates (as all-ones bytes) which of 32 codes are e4m3fn NaNs (the KN passes; the NK
+/// blocks use `NanScan`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn nan_codes(acc: __m256i, b: __m256i) -> __m256i {
     let m = _mm256_set1_epi8(0x7F);
     _mm256_or_si256(acc, _mm256_cmpeq_epi8(_mm256_and_si256(b, m), m))
+}
+
+/// Looks for the e4m3fn NaN codes 0x7F and 0xFF among many codes: they are the largest signed
+/// and the largest unsigned byte, so a running signed and unsigned maximum finds them with two
+/// ops per 32 codes and no constant (and/cmpeq/or took three and a mask register, which the
+/// one-row block had to spill).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct NanScan(__m256i, __m256i);
+
+#[cfg(target_arch = "x86_64")]
+impl NanScan {
+    #[inline(always)]
+    unsafe fn new() -> NanScan {
+        NanScan(_mm256_setzero_si256(), _mm256_setzero_si256())
+    }
+
+    #[inline(always)]
+    unsafe fn add(&mut self, b: __m256i) {
+        self.0 = _mm256_max_epi8(self.0, b);
+        self.1 = _mm256_max_epu8(self.1, b);
+    }
+
+    #[inline(always)]
+    unsafe fn found(self) -> bool {
+        let hit = _mm256_or_si256(
+            _mm256_cmpeq_epi8(self.0, _mm256_set1_epi8(0x7F)),
+            _mm256_cmpeq_epi8(self.1, _mm256_set1_epi8(-1)),
+        );
+        _mm256_testz_si256(hit, hit) == 0
+    }
 }
 
 /// NK block of `C` columns with `cvt32` over the depths that are a multiple of 32. Returns
@@ -647,7 +680,7 @@ unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
     tab: &[f32; 256],
 ) -> bool {
     let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
-    let mut nan = _mm256_setzero_si256();
+    let mut nan = NanScan::new();
     let k32 = k - k % 32;
     let mut pf = w.wrapping_add(NK_PREFETCH_BYTES);
     let mut kk = 0;
@@ -659,21 +692,26 @@ unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
         for ci in 0..C {
             let b = _mm256_loadu_si256(w.add(ci * k + kk) as *const __m256i);
             if !E5 {
-                nan = nan_codes(nan, b);
+                nan.add(b);
             }
             let v = cvt32::<E5>(b);
+            // e4m3fn, one row: a single chain per column (the C columns interleave, which
+            // hides the FMA latency), so that with `NanScan` the accumulators, the converted
+            // vectors and the constants fit in the 16 registers; two chains spilled and ran
+            // 5-8 % slower. Otherwise two chains per column (e5m2 lost 2.5 % with one).
+            let j = if R == 1 && !E5 { 0 } else { 1 };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = lhs.add(r * k + kk);
                 let x = &mut acc[ci];
                 x[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[0])), v[0], x[0]);
-                x[1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[1])), v[1], x[1]);
+                x[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[1])), v[1], x[j]);
                 x[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[2])), v[2], x[0]);
-                x[1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[3])), v[3], x[1]);
+                x[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[3])), v[3], x[j]);
             }
         }
         kk += 32;
     }
-    if !E5 && _mm256_testz_si256(nan, nan) == 0 {
+    if !E5 && nan.found() {
         return false;
     }
     // Remaining depths: 16 at a time with the exact conversion, then one by one.
