@@ -214,7 +214,7 @@ def run_contenders(contenders, settings, work_root, progress, timeout) -> list:
                          reason=f"preparation failed: {entry['prepare'].get('error')}")
 
     def fail(entry, worker, error):
-        entry["measure"] = worker.failure(str(error))
+        entry["measure"] = worker.end(failed=str(error))
         entry.update(status="failed", reason=entry["measure"].get("error"))
 
     live = []  # (worker, entry, repetitions) of the contenders still being measured

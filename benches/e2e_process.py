@@ -98,13 +98,14 @@ class WorkerProcess:
         if self.reader.is_alive():
             self.kill()
             self.reader.join()
-            return self.failure(f"timed out after {timeout:.0f} s")
-        return self.failure(None)
+            return self.end(f"timed out after {timeout:.0f} s")
+        return self.end()
 
-    def failure(self, reason: str | None) -> dict:
-        """Ends the worker and returns its result: what it wrote if it wrote anything (a worker
-        that raised writes its error), else a failure record with ``reason`` and its exit."""
-        if reason is not None:
+    def end(self, failed: str | None = None) -> dict:
+        """Waits for the worker to exit (kills it first if ``failed`` says why the driver gives
+        up on it) and returns its result: what it wrote (a worker that raised writes its
+        error), else a failure record with that reason or the exit code."""
+        if failed is not None:
             self.kill()
         code = self.proc.wait()
         self.reader.join()
@@ -112,10 +113,10 @@ class WorkerProcess:
         self.seconds = time.perf_counter() - self.t0
         if self.result_path.is_file():
             result = json.loads(self.result_path.read_text())
-            if reason is not None and result.get("status") == "ok":
-                result = {"status": "failed", "error": reason}
+            if failed is not None and result.get("status") == "ok":
+                result = {"status": "failed", "error": failed}
         else:
-            what = reason or f"the {self.phase} process exited with code {code} and wrote no " \
+            what = failed or f"the {self.phase} process exited with code {code} and wrote no " \
                              "results"
             result = {"status": "failed", "error": f"{what}; last log lines: "
                                                    f"{tail(self.log_path)}"}

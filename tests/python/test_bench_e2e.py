@@ -264,7 +264,7 @@ def test_a_serving_worker_that_fails_is_reported(tiny_preset, tmp_path):
     worker.send("no-such-command")
     with pytest.raises(WorkerFailed, match="ended in the next repetition"):
         worker.wait_event("rep", 300, "in the next repetition")
-    result = worker.failure("it stopped")
+    result = worker.end(failed="it stopped")
     assert result["status"] == "failed"
     assert "unknown command 'no-such-command'" in result["error"]
     assert any("measure FAILED" in line for line in lines)
