@@ -418,7 +418,7 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
 ) -> bool {
     std::ptr::write_bytes(acc, 0, R * ncols);
     let c32 = ncols - ncols % 32;
-    let mut nan = _mm256_setzero_si256();
+    let mut nan = NanScan::new();
     let mut kk = 0;
     while kk + 2 <= kr {
         let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
@@ -431,7 +431,8 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
             let b0 = _mm256_loadu_si256(p0.add(c) as *const __m256i);
             let b1 = _mm256_loadu_si256(p1.add(c) as *const __m256i);
             if !E5 {
-                nan = nan_codes(nan_codes(nan, b0), b1);
+                nan.add(b0);
+                nan.add(b1);
             }
             let (v0, v1) = (cvt32::<E5>(b0), cvt32::<E5>(b1));
             for (r, a) in a.iter().enumerate() {
@@ -453,7 +454,7 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
         while c < c32 {
             let b = _mm256_loadu_si256(p.add(c) as *const __m256i);
             if !E5 {
-                nan = nan_codes(nan, b);
+                nan.add(b);
             }
             let v = cvt32::<E5>(b);
             for r in 0..R {
@@ -467,7 +468,7 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
         }
         kn_row_tail::<E5, R>(lhs.add(kk), ls, p, c32, ncols, acc, tab);
     }
-    E5 || _mm256_testz_si256(nan, nan) == 1
+    E5 || !nan.found()
 }
 
 /// Columns `from..ncols` of one weight row `p` (times `lhs[r*ls]` for each row r) into `acc`,
@@ -602,8 +603,7 @@ unsafe fn nk_block<const E5: bool, const R: usize, const C: usize>(
 const CVT32_ORDER: [usize; 4] = [0, 16, 8, 24];
 
 /// 32 FP8 codes as four vectors of 8 f32 (in `CVT32_ORDER`; e4m3fn: times 2^-8), without the
-/// e4m3fn NaN fix: the callers check for NaN codes (`nan_codes`, `NanScan`) and fall back to
-/// `cvt16`.
+/// e4m3fn NaN fix: the callers check for NaN codes with `NanScan` and fall back to `cvt16`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
@@ -625,19 +625,10 @@ unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
     ]
 }
 
-/// Accumulates (as all-ones bytes) which of 32 codes are e4m3fn NaNs (the KN passes; the NK
-/// blocks use `NanScan`).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn nan_codes(acc: __m256i, b: __m256i) -> __m256i {
-    let m = _mm256_set1_epi8(0x7F);
-    _mm256_or_si256(acc, _mm256_cmpeq_epi8(_mm256_and_si256(b, m), m))
-}
-
 /// Looks for the e4m3fn NaN codes 0x7F and 0xFF among many codes: they are the largest signed
 /// and the largest unsigned byte, so a running signed and unsigned maximum finds them with two
 /// ops per 32 codes and no constant (and/cmpeq/or took three and a mask register, which the
-/// one-row block had to spill).
+/// one-row NK block had to spill).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct NanScan(__m256i, __m256i);
