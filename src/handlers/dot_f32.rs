@@ -7,11 +7,9 @@
 //! backend copies the value cache into a transposed layout for the second product and runs
 //! both through a general GEMM; here neither cache is copied.
 //!
-//! The larger operand (by element count; the rhs on a tie) is the streamed one. Its layout
-//! must fit the kernels: dims of size 1 are ignored, the other batch dims lead in order, and the
-//! contracting dims are adjacent (`[batch, outer, k, inner]`); anything else is refused with
-//! an error rather than copied. The result has `dot_general`'s shape, batch dims then lhs
-//! free dims then rhs free dims; when the lhs streams, its rows are transposed on the way out.
+//! The larger operand (by element count; the rhs on a tie) is the streamed one; the layout it
+//! must have is in docs/custom-calls.md (the contract). When the lhs streams, the product's
+//! rows are transposed on the way out to give `dot_general`'s result shape.
 use super::matmul::{check_axes, pack_lhs, plan, Plan};
 use crate::kernels::{f32_matmul, F32Weights};
 use crate::xla_ffi::{Call, DataType, FfiError};

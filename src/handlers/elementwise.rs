@@ -1,4 +1,5 @@
-//! `fp8xla_quantize`, `fp8xla_dequantize` and `fp8xla_qdq`.
+//! `fp8xla_quantize`, `fp8xla_dequantize` and `fp8xla_qdq`: contracts and numerics in
+//! docs/custom-calls.md; the conversions themselves are in `crate::fp8`.
 use super::{check_same_shape, check_scale, fp8_format, par_map, same_type_result};
 use crate::fp8::{self, Format};
 use crate::xla_ffi::{Call, DataType, FfiError};
@@ -8,7 +9,7 @@ fn scale_attr(call: &Call<'_>) -> Result<f32, FfiError> {
     check_scale("scale", call.attrs().f32("scale")?)
 }
 
-/// `q = sat(RNE(x / scale))`: x f32|bf16 → q f8e4m3fn|f8e5m2 (format from the result type).
+/// The `fp8xla_quantize` custom call (FP8 codes of `x / scale`).
 pub fn quantize(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.expect_arity(&[1], 1)?;
     call.attrs().reject_unknown(&["scale"])?;
@@ -42,7 +43,7 @@ pub fn quantize(call: &mut Call<'_>) -> Result<(), FfiError> {
     Ok(())
 }
 
-/// `x = f32(q) * scale`: q f8 → x f32|bf16.
+/// The `fp8xla_dequantize` custom call (`f32(q) * scale`).
 pub fn dequantize(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.expect_arity(&[1], 1)?;
     call.attrs().reject_unknown(&["scale"])?;
@@ -75,7 +76,7 @@ pub fn dequantize(call: &mut Call<'_>) -> Result<(), FfiError> {
     Ok(())
 }
 
-/// Fused quantize + dequantize (fake quantization): x → x, same dtype; `format` attribute.
+/// The `fp8xla_qdq` custom call (fake quantization: quantize and dequantize in one pass).
 pub fn qdq(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.expect_arity(&[1], 1)?;
     call.attrs().reject_unknown(&["format", "scale"])?;

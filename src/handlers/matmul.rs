@@ -1,13 +1,9 @@
-//! `fp8xla_matmul`: `dot_general(qdq(lhs, a_scale) or lhs, f32(rhs) * w_scale)` with float32
-//! accumulation, for FP8 weights `rhs`.
+//! `fp8xla_matmul`: `dot_general` with FP8 weights `rhs` and float32 accumulation; contract,
+//! numerics and the weight layout it accepts in docs/custom-calls.md.
 //!
-//! Dimension numbers follow `stablehlo.dot_general`. The activations are gathered into a packed
-//! `[batch, m, k]` float32 panel (converting bf16 and applying the activation QDQ on the way);
-//! the weights are never copied, so their layout must already be kernel-friendly:
-//! `[batch dims (leading, in order), outer free dims, contracting dims (contiguous), inner free
-//! dims]`. That covers every weight use in Keras-Hub models (q/k/v `[2] x [1]`, attention out
-//! `[3, 2] x [1, 0]`, FFN `[2] x [0]`, tied logits `[2] x [1]`); anything else is refused with
-//! an error rather than silently copied.
+//! The activations are gathered into a packed `[batch, m, k]` float32 panel (converting bf16
+//! and applying the activation QDQ on the way); the weights are never copied, which is why
+//! their layout must already fit the kernels (`[batch, outer, k, inner]`, see [`plan`]).
 use super::{check_scale, fp8_format};
 use crate::fp8::{self, Format};
 use crate::kernels::{fp8_matmul, Fp8Weights, WeightScale};

@@ -1,7 +1,8 @@
 //! The bodies of the exported XLA FFI custom calls. Each takes a decoded [`Call`], checks
-//! every operand, result and attribute against its contract (DESIGN §2), and runs a kernel.
-//! Error messages name the operand or attribute, what was expected and what came; the
-//! custom-call name is prefixed by `xla_ffi`.
+//! every operand, result and attribute against its contract (docs/custom-calls.md, the one
+//! description of the targets), and runs a kernel. Error messages name the operand or
+//! attribute, what was expected and what came; the custom-call name is prefixed by `xla_ffi`.
+//! The targets are exported, and listed, by `export_handlers!` in `xla_ffi/exports.rs`.
 
 mod dot_f32;
 mod elementwise;

@@ -1,6 +1,7 @@
 //! `fp8xla_observe`: identity that records max|x| per calibration site, and the registry the
 //! C API reads. NaN and infinities are counted, not folded into the maximum, so one bad
 //! activation is visible instead of silently turning a scale into NaN.
+//! Contract: docs/custom-calls.md.
 use super::{par_map, same_type_result};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
@@ -61,7 +62,7 @@ pub fn reset() {
     sites().clear();
 }
 
-/// Identity on x (f32|bf16) that records its statistics under the `site` attribute.
+/// The `fp8xla_observe` custom call (identity that records statistics under `site`).
 pub fn observe(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.expect_arity(&[1], 1)?;
     call.attrs().reject_unknown(&["site"])?;

@@ -1,14 +1,13 @@
 //! `fp8xla_take`: rows of an FP8 table, dequantized — the embedding lookup of a quantized
 //! model. XLA's CPU backend gathers FP8 only through a float copy of the whole table (which
 //! it then hoists out of the decode loop), so the lookup is a custom call of its own.
+//! Contract: docs/custom-calls.md.
 use super::{check_scale, fp8_format};
 use crate::fp8;
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
 
-/// table f8 `[rows, *row_dims]`, indices s32|s64 `[*batch]` or `[*batch, 1]` →
-/// out f32|bf16 `[*batch, *row_dims]` = `f32(table[i]) * scale`. Indices are clamped to
-/// `[0, rows - 1]`, as `stablehlo.gather` clamps its start indices.
+/// The `fp8xla_take` custom call (dequantized rows of an FP8 table, indices clamped).
 pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.expect_arity(&[2], 1)?;
     call.attrs().reject_unknown(&["scale"])?;

@@ -6,12 +6,11 @@
 //! copies every cache four times per step (5.5 ms of a ~27 ms FP8 decode step of Gemma3 270M
 //! with a 640-token cache). XLA never fuses a custom call, and the declared
 //! `output_operand_aliases` lets it write the row where the cache lies.
+//! Contract: docs/custom-calls.md.
 use crate::xla_ffi::{Call, DataType, FfiError};
 
-/// operand (a dtype of [`crate::xla_ffi::SIZED_DTYPES`], rank r), update (same dtype, rank r,
-/// dims <= operand's), r scalar start indices (s32|s64) → the operand with `update` written at
-/// the start indices, each clamped to `[0, operand_dim - update_dim]` as `dynamic_update_slice`
-/// clamps them. Result 0 aliases operand 0.
+/// The `fp8xla_update_slice` custom call (`dynamic_update_slice` in place; result 0 aliases
+/// operand 0).
 pub fn update_slice(call: &mut Call<'_>) -> Result<(), FfiError> {
     call.attrs().reject_unknown(&[])?;
     let mut out = call.take_in_place(0)?;
