@@ -3,23 +3,42 @@
 //! Handler symbols take XLA's call frame and delegate to the safe bodies in
 //! `crate::handlers`; the observer functions read the per-site statistics that
 //! `fp8xla_observe` records.
+//!
+//! The `export_handlers!` table below is the one registry of custom-call targets: each line
+//! names a target, which is also its exported symbol. [`TARGETS`] lists them for Rust and
+//! `fp8xla_targets()` for everyone else (the Python package registers and allows exactly
+//! what it returns). Their contracts are in `docs/custom-calls.md`.
 use super::entry::run;
 use super::raw::{XLA_FFI_CallFrame, XLA_FFI_Error};
 use crate::handlers;
 use std::ffi::{c_char, CStr, CString};
 
+/// Exports one XLA FFI handler per line (`symbol => body`, and `in_place (result, operand)`
+/// for a target whose result updates an operand in place), and lists the symbols in
+/// [`TARGETS`] and [`TARGET_LINES`].
 macro_rules! export_handlers {
-    ($($symbol:ident => $body:path $(, in_place $pairs:expr)?;)*) => {$(
-        /// XLA FFI handler (typed FFI, platform `cpu`).
-        ///
-        /// # Safety
-        /// Called by XLA with a valid call frame.
-        #[no_mangle]
-        pub unsafe extern "C" fn $symbol(frame: *mut XLA_FFI_CallFrame) -> *mut XLA_FFI_Error {
-            // SAFETY: XLA passes the call frame of this invocation.
-            unsafe { run(frame, stringify!($symbol), $body, &[$($pairs)?]) }
-        }
-    )*};
+    ($($symbol:ident => $body:path $(, in_place $pairs:expr)?;)*) => {
+        $(
+            /// XLA FFI handler (typed FFI, platform `cpu`); contract in `docs/custom-calls.md`.
+            ///
+            /// # Safety
+            /// Called by XLA with a valid call frame.
+            #[no_mangle]
+            pub unsafe extern "C" fn $symbol(
+                frame: *mut XLA_FFI_CallFrame,
+            ) -> *mut XLA_FFI_Error {
+                // SAFETY: XLA passes the call frame of this invocation.
+                unsafe { run(frame, stringify!($symbol), $body, &[$($pairs)?]) }
+            }
+        )*
+
+        /// Every custom-call target this library exports, in table order. Each name is also
+        /// the exported C symbol of its handler.
+        pub const TARGETS: &[&str] = &[$(stringify!($symbol)),*];
+
+        /// [`TARGETS`] as one NUL-terminated C string, each name followed by `\n`.
+        pub const TARGET_LINES: &str = concat!($(stringify!($symbol), "\n",)* "\0");
+    };
 }
 
 export_handlers! {
@@ -31,6 +50,13 @@ export_handlers! {
     fp8xla_dot_f32 => handlers::dot_f32;
     fp8xla_take => handlers::take;
     fp8xla_update_slice => handlers::update_slice, in_place (0, 0);
+}
+
+/// The custom-call targets this library exports, each name followed by a newline, as one
+/// static NUL-terminated string (owned by the library: not to be freed or modified).
+#[no_mangle]
+pub extern "C" fn fp8xla_targets() -> *const c_char {
+    TARGET_LINES.as_ptr().cast()
 }
 
 /// Number of sites `fp8xla_observe` has recorded since the last reset.
