@@ -7,19 +7,8 @@ import os
 
 import jax
 
-# Custom-call target names; each is also the exported C symbol of its handler.
-TARGETS = (
-    "fp8xla_quantize",
-    "fp8xla_dequantize",
-    "fp8xla_qdq",
-    "fp8xla_observe",
-    "fp8xla_matmul",
-    "fp8xla_dot_f32",
-    "fp8xla_take",
-    "fp8xla_update_slice",
-)
-
 _lib: ctypes.CDLL | None = None
+_targets: tuple[str, ...] = ()
 
 
 def library_path() -> str:
@@ -57,18 +46,47 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8xla_isa_level.argtypes = []
 
 
+def read_targets(lib: ctypes.CDLL, path: str) -> tuple[str, ...]:
+    """The custom-call targets library `lib` (loaded from `path`) exports, as it lists them:
+    ``fp8xla_targets()`` returns a static string with each name followed by a newline."""
+    try:
+        fn = lib.fp8xla_targets
+    except AttributeError:
+        raise ImportError(
+            f"fp8xla: the library {path} does not export fp8xla_targets(); it is older than "
+            "this package: rebuild it (`pip install ./python_shim`) or point FP8XLA_LIBRARY "
+            "at a current build") from None
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = []
+    names = tuple(fn().decode().splitlines())
+    if not names or any(not (n.startswith("fp8xla_") and n.isidentifier()) for n in names):
+        raise ImportError(
+            f"fp8xla: fp8xla_targets() of {path} returned {names!r}; expected newline-"
+            "terminated names starting with 'fp8xla_'")
+    return names
+
+
 def load() -> ctypes.CDLL:
-    """Loads the library once per process and registers every target for the CPU platform."""
-    global _lib
+    """Loads the library once per process and registers every target it lists for the CPU
+    platform."""
+    global _lib, _targets
     if _lib is None:
-        lib = ctypes.CDLL(library_path())
+        path = library_path()
+        lib = ctypes.CDLL(path)
         _declare(lib)
-        for name in TARGETS:
+        names = read_targets(lib, path)
+        for name in names:
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
             )
-        _lib = lib
+        _lib, _targets = lib, names
     return _lib
+
+
+def targets() -> tuple[str, ...]:
+    """The custom-call targets of the loaded library (all registered for the CPU platform)."""
+    load()
+    return _targets
 
 
 def isa() -> str:

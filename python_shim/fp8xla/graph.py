@@ -20,11 +20,6 @@ import jax.extend.mlir
 
 from . import _library, ops
 
-#: The custom calls a rewritten module may contain (their safety checks are disabled).
-FP8XLA_TARGETS = ("fp8xla_matmul", "fp8xla_observe", "fp8xla_dequantize", "fp8xla_quantize",
-                  "fp8xla_qdq")
-
-
 class RewriteError(ValueError):
     """A rewrite pass refused the module or its options (the message says where and why)."""
 
@@ -72,9 +67,11 @@ def _serialize(text: str) -> bytes:
 
 
 def with_module(exp: jax.export.Exported, text: str, in_avals=None) -> jax.export.Exported:
-    """`exp` with its module replaced by `text` (and its input avals by `in_avals`)."""
+    """`exp` with its module replaced by `text` (and its input avals by `in_avals`). The
+    module may call any of the library's custom-call targets: their safety checks are
+    disabled."""
     checks = tuple(exp.disabled_safety_checks) + tuple(
-        jax.export.DisabledSafetyCheck.custom_call(t) for t in FP8XLA_TARGETS)
+        jax.export.DisabledSafetyCheck.custom_call(t) for t in _library.targets())
     return dataclasses.replace(
         exp,
         mlir_module_serialized=_serialize(text),

@@ -37,11 +37,13 @@ import export_modules  # noqa: E402
 FORMATS = {"e4m3fn": (ml_dtypes.float8_e4m3fn, 448.0), "e5m2": (ml_dtypes.float8_e5m2, 57344.0)}
 
 
-TARGETS = ["fp8xla_matmul", "fp8xla_observe", "fp8xla_dequantize"]
+TARGETS = []  # the library's custom-call targets, as its fp8xla_targets() lists them
 
 
 def register(lib_path):
     lib = ctypes.cdll.LoadLibrary(lib_path)
+    lib.fp8xla_targets.restype = ctypes.c_char_p
+    TARGETS[:] = lib.fp8xla_targets().decode().splitlines()
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
 
