@@ -1,9 +1,14 @@
 """FP8 operations as jit-able JAX functions backed by fp8xla's XLA custom calls.
 
-Numerics (DESIGN contract, same as ml_dtypes and Intel Neural Compressor):
-``q = sat(RNE(x / scale))`` with saturation to ±max of the format, ``x' = f32(q) * scale``.
-Arguments are checked here, before lowering, so mistakes surface as ``TypeError`` /
-``ValueError`` naming the op; the native handlers check everything again at run time.
+Numerics (those of ml_dtypes and Intel Neural Compressor): ``q = sat(RNE(x / scale))`` with
+saturation to ±max of the format, ``x' = f32(q) * scale``; each custom call's contract is in
+docs/custom-calls.md. Arguments are checked here, before lowering, so mistakes surface as
+``TypeError`` / ``ValueError`` naming the op; the native handlers check everything again at
+run time.
+
+Under ``jax.vmap`` the elementwise ops (quantize, dequantize, qdq, observe) run as one call
+over the whole batch; the others (take, update_slice, fp8_matmul, dot_f32) run one call per
+example, because their handlers read operand dims by position. Each ``ffi_call`` says why.
 """
 from __future__ import annotations
 
@@ -91,7 +96,8 @@ def quantize(x, scale, dtype="e4m3fn"):
     _check_float("quantize", "x", x)
     s = _check_scale("quantize", scale)
     out = jax.ShapeDtypeStruct(x.shape, fp8_dtype(dtype))
-    return jax.ffi.ffi_call("fp8xla_quantize", out)(x, scale=s)
+    # Elementwise with a static scale: a batch is just more elements (one call).
+    return jax.ffi.ffi_call("fp8xla_quantize", out, vmap_method="broadcast_all")(x, scale=s)
 
 
 def dequantize(q, scale, dtype=jnp.float32):
@@ -102,7 +108,8 @@ def dequantize(q, scale, dtype=jnp.float32):
     if np.dtype(dtype) not in _FLOAT_INPUTS:
         raise TypeError(f"fp8xla.dequantize: `dtype` must be float32 or bfloat16, got {dtype}")
     out = jax.ShapeDtypeStruct(q.shape, np.dtype(dtype))
-    return jax.ffi.ffi_call("fp8xla_dequantize", out)(q, scale=s)
+    # Elementwise with a static scale: a batch is just more elements (one call).
+    return jax.ffi.ffi_call("fp8xla_dequantize", out, vmap_method="broadcast_all")(q, scale=s)
 
 
 def take(table, indices, scale, dtype=jnp.float32):
@@ -119,7 +126,10 @@ def take(table, indices, scale, dtype=jnp.float32):
     if np.dtype(dtype) not in _FLOAT_INPUTS:
         raise TypeError(f"fp8xla.take: `dtype` must be float32 or bfloat16, got {dtype}")
     out = jax.ShapeDtypeStruct(indices.shape + table.shape[1:], np.dtype(dtype))
-    return jax.ffi.ffi_call("fp8xla_take", out)(table, indices, scale=s)
+    # One call per example: the handler reads dim 0 of the table as its rows, so a batch dim
+    # put in front of the table (expand_dims, broadcast_all) would be taken for the rows.
+    return jax.ffi.ffi_call("fp8xla_take", out, vmap_method="sequential")(
+        table, indices, scale=s)
 
 
 # What fp8xla_update_slice takes: the element types whose size the library knows.
@@ -154,8 +164,10 @@ def update_slice(operand, update, start_indices):
                             f"scalars, got {i.dtype}{list(i.shape)}")
     start = [jnp.where(i < 0, i + n, i) for i, n in zip(start, operand.shape)]
     out = jax.ShapeDtypeStruct(operand.shape, operand.dtype)
-    return jax.ffi.ffi_call("fp8xla_update_slice", out, input_output_aliases={0: 0})(
-        operand, update, *start)
+    # One call per example: the start indices must be scalars and each example's are
+    # clamped against its own operand, so the batch cannot become a leading dim.
+    return jax.ffi.ffi_call("fp8xla_update_slice", out, input_output_aliases={0: 0},
+                            vmap_method="sequential")(operand, update, *start)
 
 
 def qdq(x, scale, format="e4m3fn"):
@@ -165,7 +177,9 @@ def qdq(x, scale, format="e4m3fn"):
     s = _check_scale("qdq", scale)
     name = format_name(format)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.ffi.ffi_call("fp8xla_qdq", out)(x, scale=s, format=name)
+    # Elementwise with a static scale: a batch is just more elements (one call).
+    return jax.ffi.ffi_call("fp8xla_qdq", out, vmap_method="broadcast_all")(
+        x, scale=s, format=name)
 
 
 def observe(x, site: int):
@@ -175,7 +189,10 @@ def observe(x, site: int):
     if isinstance(site, bool) or not isinstance(site, (int, np.integer)):
         raise TypeError(f"fp8xla.observe: `site` must be an int, got {site!r}")
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.ffi.ffi_call("fp8xla_observe", out, has_side_effect=True)(x, site=np.int64(site))
+    # Elementwise: one call over the batch records what a call per example would (the
+    # largest |x| of all, and every element counted).
+    return jax.ffi.ffi_call("fp8xla_observe", out, has_side_effect=True,
+                            vmap_method="broadcast_all")(x, site=np.int64(site))
 
 
 @dataclass(frozen=True)
@@ -314,7 +331,10 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
             )
         operands.append(w_scale.reshape(-1))
     out = jax.ShapeDtypeStruct(shape, out_dtype)
-    return jax.ffi.ffi_call("fp8xla_matmul", out)(*operands, **attrs)
+    # One call per example: the dimension numbers name operand dims by position, and a batch
+    # dim put in front (expand_dims, broadcast_all) would shift them; the weights' layout
+    # rules would also refuse a batch dim that is not a dot_general batch dim.
+    return jax.ffi.ffi_call("fp8xla_matmul", out, vmap_method="sequential")(*operands, **attrs)
 
 
 def dot_f32(lhs, rhs, dimension_numbers=None):
@@ -329,7 +349,9 @@ def dot_f32(lhs, rhs, dimension_numbers=None):
     lc, rc, lb, rb = _dot_general_dims("dot_f32", lhs, rhs, dimension_numbers)
     shape, _ = _dot_general_shape("dot_f32", lhs.shape, rhs.shape, ((lc, rc), (lb, rb)))
     out = jax.ShapeDtypeStruct(shape, np.float32)
-    return jax.ffi.ffi_call("fp8xla_dot_f32", out)(
+    # One call per example: the dimension numbers name operand dims by position, and a batch
+    # dim put in front (expand_dims, broadcast_all) would shift them.
+    return jax.ffi.ffi_call("fp8xla_dot_f32", out, vmap_method="sequential")(
         lhs, rhs,
         lhs_contracting_dims=np.array(lc, np.int64),
         rhs_contracting_dims=np.array(rc, np.int64),
