@@ -6,25 +6,17 @@ model (Gemma 3 270M base, converted once into a cached Keras-Hub preset).
 
     python examples/inc_gemma/quantization.py [-m PRESET] [-p fp8_e4m3|fp8_e5m2]
 """
-import argparse
 import os
 
 os.environ["KERAS_BACKEND"] = "jax"
 
+import cli_args  # noqa: E402  (this folder's options: -m, -q, -p)
 from keras_hub.models import Gemma3CausalLM  # noqa: E402
 
 from fp8xla.keras import StaticQuantConfig, quantize_model  # noqa: E402
 from fp8xla.keras.utils.utility import print_model  # noqa: E402
 
-args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-args.add_argument("-p", "--precision", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"],
-                  help="FP8 format of weights and activations")
-args.add_argument("-m", "--model_path", default=None,
-                  help="Keras-Hub preset (directory or name); default: fp8xla's default model")
-args = args.parse_args()
-if args.model_path is None:
-    from fp8xla import models
-    args.model_path = str(models.gemma3_270m_preset())
+args = cli_args.parse(__doc__, model=True, precision=True)
 
 print("Loading the float model", args.model_path)
 gemma_lm = Gemma3CausalLM.from_preset(args.model_path)

@@ -6,19 +6,16 @@ that the preset names).
 
     python examples/inc_gemma/use_static.py [-q PRESET]
 """
-import argparse
 import os
 
 os.environ["KERAS_BACKEND"] = "jax"
 
+import cli_args  # noqa: E402  (this folder's options: -m, -q, -p)
 from keras_hub.models import Gemma3CausalLM  # noqa: E402
 
 import fp8xla.keras  # noqa: E402, F401  (FP8 presets load once it is imported)
 
-args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-args.add_argument("-q", "--quantized_path", default="gemma3_270m_fp8",
-                  help="the FP8 preset saved by prepare_static.py")
-args = args.parse_args()
+args = cli_args.parse(__doc__, quantized=True)
 
 print("Loading the FP8 preset", args.quantized_path)
 gemma_lm = Gemma3CausalLM.from_preset(args.quantized_path)
