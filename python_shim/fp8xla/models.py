@@ -401,7 +401,16 @@ class Gemma3TextCausalLMPreprocessor(Gemma3CausalLMPreprocessor):
         self.built = True
 
     def load_preset_assets(self, preset):
-        super().load_preset_assets(preset)
+        try:
+            super().load_preset_assets(preset)
+        except (RuntimeError, ValueError) as e:
+            # A missing file is Keras-Hub's FileNotFoundError, which names it; a damaged one
+            # is SentencePiece's error, which names neither the file nor the preset.
+            tokenizer = self.tokenizer
+            subdir = tokenizer.config_file.split(".")[0]
+            files = ", ".join(f"assets/{subdir}/{name}" for name in tokenizer.file_assets)
+            raise ValueError(f"fp8xla: the tokenizer of the preset {preset} does not load "
+                             f"from {files}: {e}") from e
         self._build_if_ready()
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):

@@ -283,6 +283,16 @@ def test_generate_takes_keras_hubs_gemma3_dict_input_float_and_fp8(tiny):
         pre.generate_preprocess({"prompts": "the cat", "responses": "sat"})
 
 
+def test_damaged_tokenizer_asset_names_the_file_and_the_preset(tiny, tmp_path):
+    _, _, model = tiny
+    preset = tmp_path / "preset"
+    model.save_to_preset(str(preset))
+    (preset / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=rf"the tokenizer of the preset {preset} does not load "
+                                         r"from assets/tokenizer/vocabulary\.spm: "):
+        models.Gemma3CausalLM.from_preset(str(preset))  # the preset's own preprocessor
+
+
 def test_perplexity_protocol_on_tiny_model(tiny, tmp_path):
     _, _, model = tiny
     text = tmp_path / "text.txt"
