@@ -50,6 +50,7 @@ __all__ = [
     "convert_gguf",
     "gemma3_270m",
     "gemma3_270m_gguf",
+    "gemma3_270m_preset",
     "gguf_backbone_config",
     "gguf_sentencepiece_proto",
     "load_model",
@@ -400,7 +401,16 @@ class Gemma3TextCausalLMPreprocessor(Gemma3CausalLMPreprocessor):
         self.built = True
 
     def load_preset_assets(self, preset):
-        super().load_preset_assets(preset)
+        try:
+            super().load_preset_assets(preset)
+        except (RuntimeError, ValueError) as e:
+            # A missing file is Keras-Hub's FileNotFoundError, which names it; a damaged one
+            # is SentencePiece's error, which names neither the file nor the preset.
+            tokenizer = self.tokenizer
+            subdir = tokenizer.config_file.split(".")[0]
+            files = ", ".join(f"assets/{subdir}/{name}" for name in tokenizer.file_assets)
+            raise ValueError(f"fp8xla: the tokenizer of the preset {preset} does not load "
+                             f"from {files}: {e}") from e
         self._build_if_ready()
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
@@ -411,7 +421,26 @@ class Gemma3TextCausalLMPreprocessor(Gemma3CausalLMPreprocessor):
     def generate_preprocess(self, x, sequence_length=None):
         if not self.built:
             self.build(None)
+        if isinstance(x, dict):
+            x = self._prompts_of(x)
         return CausalLMPreprocessor.generate_preprocess(self, x, sequence_length=sequence_length)
+
+    @staticmethod
+    def _prompts_of(x: dict):
+        """The prompts of Keras-Hub's Gemma 3 input dict (``{"prompts": ..., "images": ...}``,
+        what ``Gemma3CausalLM.generate`` takes); this text-only model takes no images."""
+        where = "Gemma3TextCausalLMPreprocessor.generate_preprocess"
+        if "prompts" not in x:
+            raise ValueError(f"{where}: a dict input needs the key 'prompts'; got keys "
+                             f"{sorted(x)}")
+        other = sorted(k for k in x if k not in ("prompts", "images"))
+        if other:
+            raise ValueError(f"{where}: a dict input takes 'prompts' (and 'images': None); "
+                             f"got also {other}")
+        if x.get("images") is not None:
+            raise ValueError(f"{where}: this preprocessor is text-only; 'images' must be "
+                             f"absent or None, got {type(x['images']).__name__}")
+        return x["prompts"]
 
     def generate_postprocess(self, x):
         return CausalLMPreprocessor.generate_postprocess(self, x)
@@ -578,6 +607,15 @@ def gemma3_270m(cache_dir=None, progress: bool = True):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return model
+
+
+def gemma3_270m_preset(cache_dir=None, progress: bool = True) -> Path:
+    """The directory of the default model's cached Keras-Hub preset (made by
+    :func:`gemma3_270m` on first use), for ``Gemma3CausalLM.from_preset``."""
+    preset = _preset_dir(resolve_cache_dir(cache_dir))
+    if not (preset / "task.json").is_file():
+        gemma3_270m(cache_dir=cache_dir, progress=progress)
+    return preset
 
 
 def _has_tensorflow() -> bool:

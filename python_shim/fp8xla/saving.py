@@ -26,6 +26,13 @@ Loading never materializes float32 copies of the quantized weights: the task is 
 ``keras.StatelessScope`` so its variables stay uninitialized, only the non-quantized ones get
 values, and the FP8 codes go straight to fp8xla's FP8 graph. Reading the float value of a
 quantized variable of a loaded model raises (it does not exist).
+
+Every preset file fp8xla reads is checked before use (``config.json``, ``task.json``,
+``model.weights.json``, ``model.weights.fp8xla``): a missing, malformed or other-version file
+raises :class:`PresetError` naming the preset, the file and what is wrong.
+
+This module imports Keras-Hub (the model class subclasses ``Gemma3CausalLM``); ``import fp8xla``
+does not import it.
 """
 from __future__ import annotations
 
@@ -37,7 +44,12 @@ import tempfile
 import weakref
 import zlib
 
+import keras
+import keras_hub
 import numpy as np
+from keras_hub.src.utils.preset_utils import KerasPresetSaver, get_preset_loader
+
+from . import ops, runtime
 
 MAGIC = b"FP8XLAW\n"
 FORMAT_VERSION = 1
@@ -45,6 +57,7 @@ WEIGHTS_FILE = "model.weights.fp8xla"
 INDEX_FILE = "model.weights.json"  # Keras-Hub's SHARDED_MODEL_WEIGHTS_CONFIG_FILE
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.json"
+FORMAT_NAME = "fp8xla weights"  # "format" of the weights file's header and of the index
 _PREAMBLE = struct.Struct("<8sIIQI")  # magic, version, reserved, header length, header crc
 _ALIGN = 64
 
@@ -113,7 +126,7 @@ def write_weights_file(path, model):
                               **add(np.asarray(v.value))})
     cfg = state.config
     header = {
-        "format": "fp8xla weights",
+        "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": {"weight_dtype": cfg.weight_dtype, "activation_dtype": cfg.activation_dtype,
                    "granularity": cfg.granularity,
@@ -145,41 +158,48 @@ class WeightsReader:
             raise PresetError(f"fp8xla: weights file {path} does not exist")
         size = os.path.getsize(path)
         self._f = open(path, "rb")
+        try:
+            self.header, self._data = self._read_header(size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self, size):
+        path = self.path
         pre = self._f.read(_PREAMBLE.size)
         if len(pre) < _PREAMBLE.size:
-            self.close()
             raise PresetError(f"fp8xla: weights file {path} is truncated ({size} bytes, "
                               "shorter than its fixed header)")
         magic, version, _, head_len, head_crc = _PREAMBLE.unpack(pre)
         if magic != MAGIC:
-            self.close()
             raise PresetError(f"fp8xla: {path} is not an fp8xla weights file (bad magic "
                               f"{magic!r})")
         if version != FORMAT_VERSION:
-            self.close()
             raise PresetError(
                 f"fp8xla: weights file {path} has format version {version}; this fp8xla "
                 f"reads version {FORMAT_VERSION}")
         head = self._f.read(head_len)
         if len(head) < head_len:
-            self.close()
             raise PresetError(f"fp8xla: weights file {path} is truncated inside its header")
         if zlib.crc32(head) != head_crc:
-            self.close()
             raise PresetError(f"fp8xla: weights file {path} is corrupt (header checksum "
                               "mismatch)")
-        self.header = json.loads(head.decode("utf-8"))
+        try:
+            header = json.loads(head.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PresetError(f"fp8xla: weights file {path}: its header is not valid UTF-8 "
+                              f"JSON ({e})") from None
+        _check_header(path, header)
         start = _PREAMBLE.size + head_len
-        self._data = start + _pad(start)
-        want = self._data + self.header["data_size"]
+        data = start + _pad(start)
+        want = data + header["data_size"]
         if size < want:
-            self.close()
             raise PresetError(f"fp8xla: weights file {path} is truncated: {size} bytes, "
                               f"the header describes {want}")
         if size > want:
-            self.close()
             raise PresetError(f"fp8xla: weights file {path} is corrupt: {size} bytes, the "
                               f"header describes {want}")
+        return header, data
 
     def read(self, entry, what):
         self._f.seek(self._data + entry["offset"])
@@ -202,14 +222,148 @@ class WeightsReader:
         self.close()
 
 
+def _expect(path, where, value, kind, what=None):
+    """Checks one field of a preset file: `value` is of type `kind` (and `what` holds)."""
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int,)))
+    if not ok or (what is not None and not what[0](value)):
+        expected = what[1] if what is not None else (
+            kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind))
+        raise PresetError(f"fp8xla: {path}: {where} is {value!r}; expected {expected}")
+    return value
+
+
+_NON_NEGATIVE = (lambda n: n >= 0, "an integer >= 0")
+
+
+def _check_array_entry(path, where, e, data_size):
+    _expect(path, where, e, dict)
+    for key, kind in (("offset", int), ("nbytes", int), ("crc32", int), ("dtype", str),
+                      ("shape", list)):
+        _expect(path, f"{where}.{key}", e.get(key), kind,
+                _NON_NEGATIVE if kind is int else None)
+    for d in e["shape"]:
+        _expect(path, f"{where}.shape", d, int, _NON_NEGATIVE)
+    try:
+        itemsize = np.dtype(e["dtype"]).itemsize
+    except TypeError:
+        raise PresetError(f"fp8xla: {path}: {where}.dtype is {e['dtype']!r}, not a NumPy "
+                          "dtype") from None
+    if itemsize * int(np.prod(e["shape"])) != e["nbytes"] or e["offset"] + e["nbytes"] > data_size:
+        raise PresetError(f"fp8xla: {path}: {where} describes {e['nbytes']} bytes at offset "
+                          f"{e['offset']}, which its shape and dtype or the data "
+                          f"({data_size} bytes) do not match")
+
+
+def _check_header(path, h):
+    """The structure of a weights file's header (values are checked against the model when
+    it loads)."""
+    _expect(path, "the header", h, dict)
+    _expect(path, "the header's format", h.get("format"), str,
+            (lambda f: f == FORMAT_NAME, repr(FORMAT_NAME)))
+    _expect(path, "the header's format_version", h.get("format_version"), int,
+            (lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION} (this fp8xla's version)"))
+    size = _expect(path, "the header's data_size", h.get("data_size"), int, _NON_NEGATIVE)
+    _expect(path, "the header's config", h.get("config"), dict)
+    for key in ("num_trainable", "num_non_trainable"):
+        _expect(path, f"the header's {key}", h.get(key), int, _NON_NEGATIVE)
+    for i, e in enumerate(_expect(path, "the header's variables", h.get("variables"), list)):
+        where = f"variables[{i}]"
+        _expect(path, where, e, dict)
+        n = h["num_trainable"] if e.get("collection") == "trainable" else h["num_non_trainable"]
+        _expect(path, f"{where}.collection", e.get("collection"), str,
+                (lambda c: c in ("trainable", "non_trainable"),
+                 "'trainable' or 'non_trainable'"))
+        _expect(path, f"{where}.index", e.get("index"), int, (lambda k: 0 <= k < n, f"< {n}"))
+        _expect(path, f"{where}.path", e.get("path"), str)
+        _check_array_entry(path, where, e, size)
+    fp8_names = sorted(str(ops.fp8_dtype(f)) for f in ("e4m3fn", "e5m2"))
+    for i, e in enumerate(_expect(path, "the header's quantized", h.get("quantized"), list)):
+        where = f"quantized[{i}]"
+        _expect(path, where, e, dict)
+        n = h["num_trainable"]
+        _expect(path, f"{where}.index", e.get("index"), int, (lambda k: 0 <= k < n, f"< {n}"))
+        _expect(path, f"{where}.path", e.get("path"), str)
+        _expect(path, f"{where}.fp8_dtype", e.get("fp8_dtype"), str,
+                (lambda d: d in fp8_names, f"one of {fp8_names}"))
+        _check_array_entry(path, f"{where}.codes", e.get("codes"), size)
+        if e["codes"]["dtype"] != "|u1":
+            raise PresetError(f"fp8xla: {path}: {where}.codes.dtype is "
+                              f"{e['codes']['dtype']!r}; expected '|u1' (one byte a weight)")
+        w_scale = _expect(path, f"{where}.w_scale", e.get("w_scale"), (int, float, dict))
+        if isinstance(w_scale, dict):
+            _check_array_entry(path, f"{where}.w_scale", w_scale, size)
+            _expect(path, f"{where}.channel_dim", e.get("channel_dim"), int, _NON_NEGATIVE)
+        elif e.get("channel_dim") is not None:
+            raise PresetError(f"fp8xla: {path}: {where} has one weight scale but channel_dim "
+                              f"{e['channel_dim']!r}; expected null")
+        if e.get("a_scale") is not None:
+            _expect(path, f"{where}.a_scale", e["a_scale"], (int, float))
+
+
+# ---------------------------------------------------------------------------------------------
+# the other preset files
+
+
+def _read_json(preset_dir, name, who):
+    """A preset's JSON file as a dict, or PresetError naming the preset, file and problem."""
+    path = os.path.join(preset_dir, name)
+    if not os.path.isfile(path):
+        what = ("the weights index" if name == INDEX_FILE else name)
+        raise PresetError(f"{who}: {path} is missing ({what}); {preset_dir} is not a "
+                          "complete fp8xla preset")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PresetError(f"{who}: {name} of the preset {preset_dir} is not valid JSON "
+                          f"({e})") from None
+    if not isinstance(value, dict):
+        raise PresetError(f"{who}: {name} of the preset {preset_dir} holds a JSON "
+                          f"{type(value).__name__}; expected an object")
+    return value
+
+
+def _check_index(preset_dir, index, who):
+    """``model.weights.json``: the index fp8xla writes, naming this version's weights file."""
+    path = os.path.join(preset_dir, INDEX_FILE)
+    meta = _expect(path, "metadata", index.get("metadata"), dict)
+    _expect(path, "metadata.format", meta.get("format"), str,
+            (lambda f: f == FORMAT_NAME, f"{FORMAT_NAME!r} (an fp8xla preset)"))
+    _expect(path, "metadata.format_version", meta.get("format_version"), int,
+            (lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION} (the version this fp8xla "
+                                            "reads)"))
+    _expect(path, "weight_map", index.get("weight_map"), dict,
+            (lambda m: m == {"*": WEIGHTS_FILE}, repr({"*": WEIGHTS_FILE})))
+
+
+def _check_preset_files(preset_dir, who="fp8xla.load"):
+    """Checks the JSON files of an FP8 preset and that its weights file exists."""
+    if not os.path.isdir(preset_dir):
+        raise PresetError(f"{who}: preset directory {preset_dir} does not exist")
+    config = _read_json(preset_dir, CONFIG_FILE, who)
+    path = os.path.join(preset_dir, CONFIG_FILE)
+    _expect(path, "registered_name", config.get("registered_name"), str)
+    _expect(path, "config", config.get("config"), dict)
+    task = _read_json(preset_dir, TASK_FILE, who)
+    path = os.path.join(preset_dir, TASK_FILE)
+    name = task.get("registered_name")
+    if name != _REGISTERED_NAME:
+        raise PresetError(f"{who}: {path} names {name!r}, not an fp8xla FP8 model "
+                          f"({_REGISTERED_NAME!r})")
+    _expect(path, "config", task.get("config"), dict)
+    _check_index(preset_dir, _read_json(preset_dir, INDEX_FILE, who), who)
+    weights = os.path.join(preset_dir, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise PresetError(f"{who}: {weights} is missing (the fp8xla weights file); "
+                          f"{preset_dir} is not a complete fp8xla preset")
+
+
 # ---------------------------------------------------------------------------------------------
 # the model class of FP8 presets
 
 
 def _model_inputs(model, x):
     """``{"token_ids", "padding_mask"}`` arrays of ``x``: as given, or preprocessed (strings)."""
-    import keras
-
     if not isinstance(x, dict):
         if model.preprocessor is None:
             raise TypeError(
@@ -219,69 +373,63 @@ def _model_inputs(model, x):
     return {k: np.asarray(v) for k, v in x.items() if v is not None}
 
 
-def _class():
-    """Defines and registers ``Fp8Gemma3CausalLM`` (Keras-Hub is imported lazily)."""
-    global Fp8Gemma3CausalLM
-    if "Fp8Gemma3CausalLM" in globals():
-        return Fp8Gemma3CausalLM
-    import keras
-    import keras_hub
+class Fp8Gemma3CausalLM(keras_hub.models.Gemma3CausalLM):
+    """A ``Gemma3CausalLM`` whose matmul weights are FP8 (fp8xla). ``from_preset`` of an FP8
+    preset returns one; ``save_to_preset`` writes one."""
 
-    @keras.saving.register_keras_serializable(package="fp8xla")
-    class Fp8Gemma3CausalLM(keras_hub.models.Gemma3CausalLM):
-        """A ``Gemma3CausalLM`` whose matmul weights are FP8 (fp8xla). ``from_preset`` of an
-        FP8 preset returns one; ``save_to_preset`` writes one."""
+    # Not Gemma3Backbone: Keras-Hub picks the task class of a plain Gemma3 preset among the
+    # subclasses of Gemma3CausalLM whose backbone_cls matches; this one must never be picked.
+    backbone_cls = None
 
-        # Not Gemma3Backbone: Keras-Hub picks the task class of a plain Gemma3 preset among
-        # the registered subclasses whose backbone_cls matches; this one must never be picked.
-        backbone_cls = None
+    @classmethod
+    def from_config(cls, config):
+        if isinstance(config.get("backbone"), dict):
+            config = {**config,
+                      "backbone": _build_deferred(lambda: keras.layers.deserialize(
+                          config["backbone"]))}
+        model = super().from_config(config)
+        _bind_weight_loading(model)
+        return model
 
-        @classmethod
-        def from_config(cls, config):
-            if isinstance(config.get("backbone"), dict):
-                config = {**config,
-                          "backbone": _build_deferred(lambda: keras.layers.deserialize(
-                              config["backbone"]))}
-            model = super().from_config(config)
-            _bind_weight_loading(model)
-            return model
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        return load(preset, **kwargs)
 
-        @classmethod
-        def from_preset(cls, preset, load_weights=True, **kwargs):
-            return load(preset, **kwargs)
+    def save_to_preset(self, preset_dir, max_shard_size=None):
+        save(self, preset_dir)
 
-        def save_to_preset(self, preset_dir, max_shard_size=None):
-            save(self, preset_dir)
+    # Keras' own predict paths read every trainable variable's float value first, and a
+    # loaded FP8 model has none for its quantized weights: score through the FP8 graph.
+    def predict_on_batch(self, x):
+        return np.asarray(runtime.logits(self, _model_inputs(self, x)))
 
-        # Keras' own predict paths read every trainable variable's float value first, and a
-        # loaded FP8 model has none for its quantized weights: score through the FP8 graph.
-        def predict_on_batch(self, x):
-            from . import keras as fk
-            return np.asarray(fk.logits(self, _model_inputs(self, x)))
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        x = _model_inputs(self, x)
+        n = len(next(iter(x.values())))
+        size = batch_size or 32
+        parts = [np.asarray(runtime.logits(self, {k: v[i:i + size] for k, v in x.items()}))
+                 for i in range(0, n, size)]
+        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
-        def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
-            from . import keras as fk
-            x = _model_inputs(self, x)
-            n = len(next(iter(x.values())))
-            size = batch_size or 32
-            parts = [np.asarray(fk.logits(self, {k: v[i:i + size] for k, v in x.items()}))
-                     for i in range(0, n, size)]
-            return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        state = getattr(self, "fp8", None)
+        if state is not None:  # compile() drops the generate function: keep it FP8
+            runtime.install(self, state.config, state.weights)
 
-        def compile(self, *args, **kwargs):
-            super().compile(*args, **kwargs)
-            state = getattr(self, "fp8", None)
-            if state is not None:  # compile() drops the generate function: keep it FP8
-                from . import keras as fk
-                fk._install(self, state.config, state.weights)
+    def summary(self, *args, **kwargs):
+        if getattr(self, "fp8", None) is None:
+            return super().summary(*args, **kwargs)
+        return runtime.summary_of_stored_weights(self, super().summary, *args, **kwargs)
 
-    globals()["Fp8Gemma3CausalLM"] = Fp8Gemma3CausalLM
-    return Fp8Gemma3CausalLM
+
+# The one registration of the class, under the name FP8 presets' task.json gives.
+keras.saving.register_keras_serializable(package="fp8xla")(Fp8Gemma3CausalLM)
+_REGISTERED_NAME = keras.saving.get_registered_name(Fp8Gemma3CausalLM)
 
 
 def _build_deferred(build):
     """Builds a backbone with its variables uninitialized (no float32 values allocated)."""
-    import keras
     from keras.src.backend.common import global_state, variables as kvars
 
     key = "uninitialized_variables"
@@ -316,8 +464,9 @@ def _raise_on_value(path):
 
 
 def _load_weights_into(model, preset_dir):
-    from . import keras as fk
-
+    # Keras-Hub's from_preset reaches here without fp8xla.load's checks: the index is the
+    # file that names the weights file and its version.
+    _check_index(preset_dir, _read_json(preset_dir, INDEX_FILE, "fp8xla"), "fp8xla")
     path = os.path.join(preset_dir, WEIGHTS_FILE)
     trainable = model.trainable_variables
     non_trainable = model.non_trainable_variables
@@ -329,6 +478,12 @@ def _load_weights_into(model, preset_dir):
                 f"{h['num_non_trainable']} non-trainable variables; the model of "
                 f"{os.path.join(preset_dir, TASK_FILE)} has {len(trainable)} and "
                 f"{len(non_trainable)}")
+        try:
+            config = runtime.StaticQuantConfig(**h["config"])
+        except (TypeError, ValueError) as e:
+            raise PresetError(f"fp8xla: weights file {path}: the header's config is not a "
+                              f"valid StaticQuantConfig ({e})") from None
+        want_dtype = str(ops.fp8_dtype(config.w_format))
         lists = {"trainable": trainable, "non_trainable": non_trainable}
         seen = set()
         for e in h["variables"]:
@@ -339,24 +494,27 @@ def _load_weights_into(model, preset_dir):
             v.assign(value)
             del value
             seen.add(id(v))
-        config = fk.StaticQuantConfig(**h["config"])
         qweights = {}
         for e in h["quantized"]:
             i = e["index"]
             v = trainable[i]
             _check_shape(path, v, e["codes"]["shape"], e["path"])
+            if e["fp8_dtype"] != want_dtype:
+                raise PresetError(f"fp8xla: weights file {path}: {e['path']} holds "
+                                  f"{e['fp8_dtype']} codes; its config's weight_dtype "
+                                  f"{config.weight_dtype!r} is {want_dtype}")
             codes = r.read(e["codes"], e["path"]).view(np.dtype(e["fp8_dtype"]))
             w_scale = e["w_scale"]
             if isinstance(w_scale, dict):
                 w_scale = r.read(w_scale, e["path"] + " (weight scale)")
-            qweights[i] = fk.QuantizedWeight(i, v.path, codes, w_scale, e["channel_dim"],
-                                             e["a_scale"])
+            qweights[i] = runtime.QuantizedWeight(i, v.path, codes, w_scale, e["channel_dim"],
+                                                  e["a_scale"])
             v._initializer = _raise_on_value(v.path)
             seen.add(id(v))
     missing = [v.path for v in model.variables if id(v) not in seen and v._value is None]
     if missing:
         raise PresetError(f"fp8xla: weights file {path} has no value for {missing[:5]}")
-    fk._install(model, config, qweights)
+    runtime.install(model, config, qweights)
     # keep one copy of the codes: the host view of the device buffers fp8xla runs on
     for i, q in model.fp8.weights.items():
         q.codes = np.asarray(model.fp8.codes[i])
@@ -377,17 +535,13 @@ def save(model, preset_dir):
     """Writes the fp8xla-quantized ``model`` as a Keras-Hub preset directory (replacing
     ``preset_dir`` if it exists). Written into a temporary directory next to it and renamed
     into place, so a failed save leaves no partial preset."""
-    import keras
-    import keras_hub
-    from keras_hub.src.utils.preset_utils import KerasPresetSaver
-
     if getattr(model, "fp8", None) is None:
         raise ValueError("fp8xla.save: the model is not quantized by fp8xla "
                          "(use fp8xla.keras.quantize_model first)")
     if not isinstance(model, keras_hub.models.Gemma3CausalLM):
         raise NotImplementedError(f"fp8xla.save: saving {type(model).__name__} is not "
                                   "supported (Gemma3CausalLM only)")
-    cls = _class()
+    cls = Fp8Gemma3CausalLM
     preset_dir = os.path.abspath(os.fspath(preset_dir))
     _check_replaceable(preset_dir)
     parent = os.path.dirname(preset_dir)
@@ -401,13 +555,13 @@ def save(model, preset_dir):
         for k in ("compile_config", "build_config"):
             saver._recursive_pop(task, k)
         task.update(module=cls.__module__, class_name=cls.__name__,
-                    registered_name=keras.saving.get_registered_name(cls))
+                    registered_name=_REGISTERED_NAME)
         with open(os.path.join(tmp, TASK_FILE), "w") as f:
             json.dump(task, f, indent=4)
         if model.preprocessor is not None:
             model.preprocessor.save_to_preset(tmp)
         write_weights_file(os.path.join(tmp, WEIGHTS_FILE), model)
-        index = {"metadata": {"format": "fp8xla weights", "format_version": FORMAT_VERSION},
+        index = {"metadata": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION},
                  "weight_map": {"*": WEIGHTS_FILE}}
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=4)
@@ -449,27 +603,11 @@ def load(preset_dir, **kwargs):
     """Loads an FP8 preset written by :func:`save` (also what
     ``keras_hub.models.Gemma3CausalLM.from_preset`` does once ``fp8xla.keras`` is imported).
     ``kwargs`` go to Keras-Hub's ``from_preset`` (e.g. ``preprocessor=None``)."""
-    import keras_hub
-    from keras_hub.src.utils.preset_utils import get_preset_loader
-
     preset_dir = os.fspath(preset_dir)
-    if not os.path.isdir(preset_dir):
-        raise PresetError(f"fp8xla.load: preset directory {preset_dir} does not exist")
-    for name in (CONFIG_FILE, TASK_FILE, INDEX_FILE, WEIGHTS_FILE):
-        p = os.path.join(preset_dir, name)
-        if not os.path.isfile(p):
-            what = ("the fp8xla weights file" if name == WEIGHTS_FILE else
-                    "the weights index" if name == INDEX_FILE else name)
-            raise PresetError(f"fp8xla.load: {p} is missing ({what}); {preset_dir} is not "
-                              "a complete fp8xla preset")
-    cls = _class()
-    with open(os.path.join(preset_dir, TASK_FILE)) as f:
-        name = json.load(f).get("registered_name")
-    if name != "fp8xla>" + cls.__name__:
-        raise PresetError(f"fp8xla.load: {os.path.join(preset_dir, TASK_FILE)} names "
-                          f"{name!r}, not an fp8xla FP8 model")
+    _check_preset_files(preset_dir)
     loader = get_preset_loader(preset_dir)
-    model = loader.load_task(cls, load_weights=True, load_task_weights=True, **kwargs)
+    model = loader.load_task(Fp8Gemma3CausalLM, load_weights=True, load_task_weights=True,
+                             **kwargs)
     if getattr(model, "fp8", None) is None:
         raise PresetError(f"fp8xla.load: {preset_dir} did not load as an FP8 model")
     return model
@@ -478,25 +616,3 @@ def load(preset_dir, **kwargs):
 def is_fp8_preset(preset_dir) -> bool:
     """Whether ``preset_dir`` holds an fp8xla weights file (an FP8 preset)."""
     return os.path.isfile(os.path.join(os.fspath(preset_dir), WEIGHTS_FILE))
-
-
-def install_save_hook(model):
-    """Makes ``model.save_to_preset`` of a model quantized in this process write an FP8
-    preset (called by ``fp8xla.keras`` when it quantizes a model)."""
-    import keras_hub
-
-    if isinstance(model, keras_hub.models.Gemma3CausalLM) and not isinstance(
-            model, _class()):
-        def save_to_preset(preset_dir, max_shard_size=None):
-            save(model, preset_dir)
-
-        model.save_to_preset = save_to_preset
-
-
-def register():
-    """Registers ``fp8xla>Fp8Gemma3CausalLM`` with Keras if Keras-Hub is installed."""
-    try:
-        import keras_hub  # noqa: F401
-    except ImportError:
-        return
-    _class()

@@ -98,6 +98,8 @@ def test_print_model_lists_every_quantized_layer(rng, capsys):
     out = capsys.readouterr().out
     for q in model.fp8.weights.values():
         assert q.path in out
+    from fp8xla.keras.utils.utility import print_model as inc_print_model  # INC's layout
+    assert inc_print_model is print_model
 
 
 def test_errors():
@@ -157,7 +159,7 @@ def _fake_quant_activation_logits(qmodel, ref, batch):
     import re
 
     from fp8xla import graph
-    from fp8xla.keras import _GraphCache
+    from fp8xla.runtime import GraphCache
 
     fmt = qmodel.fp8.config.a_format
     a_scale = {q.index: q.a_scale for q in qmodel.fp8.weights.values()}
@@ -179,7 +181,7 @@ def _fake_quant_activation_logits(qmodel, ref, batch):
         assert n == len(scale_of_site) > 0
         return graph.with_module(exp, text)
 
-    cache = _GraphCache(ref, rewrite, kind="forward")
+    cache = GraphCache(ref, rewrite, kind="forward")
     inputs = {k: np.asarray(v) for k, v in batch.items()}
     return cache.get(inputs)(inputs, [v.value for v in ref.trainable_variables],
                              [v.value for v in ref.non_trainable_variables])
@@ -200,10 +202,10 @@ def test_compile_after_quantize_keeps_fp8(rng):
 
 def compiled_generate_hlo(model, batch):
     """The optimized HLO of the FP8 generate step `model.generate(batch)` compiled."""
-    from fp8xla.keras import _GraphCache
+    from fp8xla.runtime import GraphCache
 
     cache = next(c.cell_contents for c in model.generate_function.__closure__
-                 if isinstance(c.cell_contents, _GraphCache))
+                 if isinstance(c.cell_contents, GraphCache))
     (run,) = cache.compiled.values()
     state = ([v.value for v in model.sampler.variables],
              [model.fp8.codes.get(i, v.value) for i, v in enumerate(model.trainable_variables)],
@@ -283,3 +285,74 @@ def test_decode_attention_runs_on_the_gemv_kernels(rng, monkeypatch, min_bytes):
     ref = fake_quantized_copy(model, model)
     want = ref.generate(batch, max_length=12, stop_token_ids=None)
     np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
+
+
+def summary_totals(model):
+    """(count, bytes) of each "Total params: N (X UNIT)" line of ``model.summary()``; bytes
+    to the 2 decimals of UNIT that Keras prints, as (low, high)."""
+    out = []
+    model.summary(print_fn=out.append)
+    units = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
+    totals = []
+    for count, size, unit in re.findall(r"Total params: ([\d,]+) \(([\d.]+) (B|KB|MB|GB)\)",
+                                        "\n".join(out)):
+        scale = units[unit]
+        totals.append((int(count.replace(",", "")),
+                       ((float(size) - 0.005) * scale, (float(size) + 0.005) * scale)))
+    assert len(totals) == 1, out
+    return totals[0]
+
+
+def fp8_model_holds(model):
+    """(count, bytes) of what an FP8 model holds, from its arrays: FP8 codes one byte each,
+    weight and activation scales float32, every other variable as it is."""
+    q = model.fp8.weights
+    count = nbytes = 0
+    for i, v in enumerate(model.trainable_variables):
+        if i in q:
+            codes = np.asarray(q[i].codes)
+            assert codes.dtype.itemsize == 1
+            scales = np.size(q[i].w_scale) + (q[i].a_scale is not None)
+            count += codes.size + scales
+            nbytes += codes.nbytes + 4 * scales
+        else:
+            count += int(np.prod(v.shape))
+            nbytes += np.asarray(v.value).nbytes
+    for v in model.non_trainable_variables:
+        count += int(np.prod(v.shape))
+        nbytes += np.asarray(v.value).nbytes
+    return count, nbytes
+
+
+def test_summary_reports_the_bytes_an_fp8_model_holds(rng):
+    model = tiny_gemma3()
+    count, (low, high) = summary_totals(model)
+    assert low <= 4 * count <= high  # float32
+    batch = prompts(rng, 2)
+    quantize_model(model, StaticQuantConfig(),
+                   lambda m: m.generate(batch, max_length=8, stop_token_ids=None))
+    want_count, want_bytes = fp8_model_holds(model)
+    got_count, (low, high) = summary_totals(model)
+    assert got_count == want_count and low <= want_bytes <= high, (got_count, low, high,
+                                                                    want_count, want_bytes)
+    assert high < 0.5 * 4 * count  # the FP8 model is far smaller than the float one
+    # summary() leaves nothing behind that would change what Keras sees of the model
+    assert not hasattr(model, "_collected_trainable_weights")
+    assert summary_totals(model)[0] == want_count
+
+
+def test_print_model_of_a_float_model_lists_its_float_weights(capsys):
+    """INC's example prints the model before quantizing it too."""
+    model = tiny_gemma3()
+    print_model(model)
+    out = capsys.readouterr().out
+    matrices = [v for v in model.trainable_variables if len(v.shape) >= 2]
+    assert matrices
+    for v in matrices:
+        (line,) = [ln for ln in out.splitlines() if ln.startswith(v.path + " ")]
+        assert "float32" in line
+    assert "float8" not in out
+    quantize_model(model, StaticQuantConfig(activation_dtype=None))
+    print_model(model)
+    out = capsys.readouterr().out
+    assert out.count("float8_e4m3fn") == len(model.fp8.weights)

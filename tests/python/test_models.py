@@ -252,6 +252,47 @@ def test_preset_round_trip_and_generate(tiny, tmp_path):
     assert isinstance(out, str) and out.startswith("the cat")
 
 
+def test_generate_takes_keras_hubs_gemma3_dict_input_float_and_fp8(tiny):
+    """Keras-Hub's Gemma3CausalLM.generate takes {"prompts": ..., "images": ...} (INC's
+    examples use it); the text-only preprocessor takes it with "images" absent or None."""
+    from fp8xla.keras import StaticQuantConfig, quantize_model
+
+    path, _, _ = tiny
+    model = models.convert_gguf(models.read_gguf(path))
+    for stage in ("float32", "fp8"):
+        want = model.generate("the cat", max_length=12)
+        assert isinstance(want, str) and want.startswith("the cat")
+        assert model.generate({"prompts": "the cat"}, max_length=12) == want, stage
+        assert model.generate({"prompts": "the cat", "images": None}, max_length=12) == want
+        batch = ["the cat", "a cat sat on"]
+        assert model.generate({"prompts": batch}, max_length=12) == model.generate(
+            batch, max_length=12)
+        if stage == "float32":
+            quantize_model(model, StaticQuantConfig(),
+                           lambda m: m.generate({"prompts": "the cat sat"}, max_length=12))
+            assert model.fp8 is not None
+    with pytest.raises(ValueError, match="text-only; 'images' must be absent or None, got "
+                                         "list"):
+        model.generate({"prompts": "the cat", "images": np.zeros((8, 8, 3))}, max_length=12)
+    pre = model.preprocessor
+    with pytest.raises(ValueError, match=r"a dict input needs the key 'prompts'; got keys "
+                                         r"\['text'\]"):
+        pre.generate_preprocess({"text": "the cat"})
+    with pytest.raises(ValueError, match=r"takes 'prompts' \(and 'images': None\); got also "
+                                         r"\['responses'\]"):
+        pre.generate_preprocess({"prompts": "the cat", "responses": "sat"})
+
+
+def test_damaged_tokenizer_asset_names_the_file_and_the_preset(tiny, tmp_path):
+    _, _, model = tiny
+    preset = tmp_path / "preset"
+    model.save_to_preset(str(preset))
+    (preset / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=rf"the tokenizer of the preset {preset} does not load "
+                                         r"from assets/tokenizer/vocabulary\.spm: "):
+        models.Gemma3CausalLM.from_preset(str(preset))  # the preset's own preprocessor
+
+
 def test_perplexity_protocol_on_tiny_model(tiny, tmp_path):
     _, _, model = tiny
     text = tmp_path / "text.txt"

@@ -2,6 +2,7 @@
 in a fresh process, through Keras-Hub's own ``from_preset``)."""
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -266,3 +267,128 @@ def test_save_errors(tmp_path):
         fk.save(saved_model, str(tmp_path / "home"))
     assert sorted(os.listdir(tmp_path)) == ["file", "home"]
     assert (tmp_path / "home" / "notes.txt").read_text() == "keep"
+
+
+# --- every preset file is checked ---------------------------------------------------------
+
+
+def _edit_json(preset, name, edit):
+    path = os.path.join(preset, name)
+    with open(path) as f:
+        value = json.load(f)
+    value = edit(value)
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+@pytest.mark.parametrize("name", ["config.json", "task.json", saving.INDEX_FILE])
+def test_preset_json_file_that_is_not_json(saved, tmp_path, name):
+    _, _, _, path = saved
+    broken = _copy(path, tmp_path / "p")
+    with open(os.path.join(broken, name), "a") as f:
+        f.write("}{")  # what a botched edit or a truncated write leaves
+    with pytest.raises(saving.PresetError,
+                       match=rf"fp8xla.load: {re.escape(name)} of the preset "
+                             rf"{re.escape(broken)} is not valid JSON \(Extra data: line"):
+        fk.load(broken)
+    open(os.path.join(broken, name), "w").write("[1, 2]")
+    with pytest.raises(saving.PresetError, match=rf"{re.escape(name)} of the preset .* holds "
+                                                 "a JSON list; expected an object"):
+        fk.load(broken)
+
+
+def test_index_of_another_format_version(saved, tmp_path):
+    _, _, _, path = saved
+    broken = _copy(path, tmp_path / "v999")
+
+    def version_999(index):
+        index["metadata"]["format_version"] = 999
+        return index
+
+    _edit_json(broken, saving.INDEX_FILE, version_999)
+    message = (rf"{re.escape(os.path.join(broken, saving.INDEX_FILE))}: "
+               rf"metadata.format_version is 999; expected {saving.FORMAT_VERSION} \(the "
+               "version this fp8xla reads\\)")
+    with pytest.raises(saving.PresetError, match=message):
+        fk.load(broken)
+    # Keras-Hub's own loader reaches fp8xla's weight loading, which checks the index too
+    with pytest.raises(saving.PresetError, match=message):
+        keras_hub.models.Gemma3CausalLM.from_preset(broken)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i: {**i, "metadata": {**i["metadata"], "format_version": "1"}},
+     r"metadata.format_version is '1'; expected 1"),
+    (lambda i: {**i, "metadata": {**i["metadata"], "format_version": True}},
+     r"metadata.format_version is True; expected 1"),
+    (lambda i: {**i, "metadata": {"format": "h5"}}, r"metadata.format is 'h5'; expected "
+                                                   r"'fp8xla weights' \(an fp8xla preset\)"),
+    (lambda i: {"weight_map": i["weight_map"]}, r"metadata is None; expected dict"),
+    (lambda i: {**i, "weight_map": {"*": "model.weights.h5"}},
+     r"weight_map is \{'\*': 'model.weights.h5'\}; expected \{'\*': 'model.weights.fp8xla'\}"),
+])
+def test_index_with_wrong_fields(saved, tmp_path, edit, message):
+    _, _, _, path = saved
+    broken = _copy(path, tmp_path / "p")
+    _edit_json(broken, saving.INDEX_FILE, edit)
+    with pytest.raises(saving.PresetError, match=rf"model\.weights\.json: {message}"):
+        fk.load(broken)
+
+
+def test_task_and_config_with_wrong_fields(saved, tmp_path):
+    _, _, _, path = saved
+    broken = _copy(path, tmp_path / "task")
+    _edit_json(broken, "task.json", lambda t: {**t, "registered_name": "keras_hub>Gemma3CausalLM"})
+    with pytest.raises(saving.PresetError, match=r"task\.json names 'keras_hub>Gemma3CausalLM', "
+                                                 r"not an fp8xla FP8 model"):
+        fk.load(broken)
+    broken = _copy(path, tmp_path / "config")
+    _edit_json(broken, "config.json", lambda c: {**c, "config": "gemma"})
+    with pytest.raises(saving.PresetError, match=r"config\.json: config is 'gemma'; expected "
+                                                 "dict"):
+        fk.load(broken)
+
+
+def _rewrite_header(preset, edit):
+    """Rewrites the JSON header of the preset's weights file (valid checksum and lengths)."""
+    path = _weights(preset)
+    data = open(path, "rb").read()
+    magic, version, reserved, head_len, _ = saving._PREAMBLE.unpack_from(data)
+    start = saving._PREAMBLE.size + head_len
+    body = data[start + saving._pad(start):]
+    head = json.dumps(edit(json.loads(data[saving._PREAMBLE.size:start]))).encode()
+    pre = saving._PREAMBLE.pack(magic, version, reserved, len(head), saving.zlib.crc32(head))
+    pad = b"\0" * saving._pad(len(pre) + len(head))
+    open(path, "wb").write(pre + head + pad + body)
+
+
+def test_weights_header_with_wrong_fields(saved, tmp_path):
+    _, _, _, path = saved
+    unchanged = _copy(path, tmp_path / "same")
+    _rewrite_header(unchanged, lambda h: h)  # the helper itself keeps a valid file
+    assert fk.load(unchanged).fp8 is not None
+    for name, edit, message in [
+        ("version", lambda h: {**h, "format_version": 2},
+         r"the header's format_version is 2; expected 1 \(this fp8xla's version\)"),
+        ("entry", lambda h: {**h, "variables": [{**h["variables"][0], "index": 10**6}]},
+         r"variables\[0\]\.index is 1000000; expected < \d+"),
+        ("dtype", lambda h: {**h, "quantized": [{**h["quantized"][0], "fp8_dtype": "int8"}]},
+         r"quantized\[0\]\.fp8_dtype is 'int8'; expected one of"),
+        ("config", lambda h: {**h, "config": {**h["config"], "weight_dtype": "int4"}},
+         r"the header's config is not a valid StaticQuantConfig \(StaticQuantConfig: unknown "
+         r"weight_dtype 'int4'"),
+    ]:
+        broken = _copy(path, tmp_path / name)
+        _rewrite_header(broken, edit)
+        with pytest.raises(saving.PresetError,
+                           match=rf"{re.escape(_weights(broken))}: {message}"):
+            fk.load(broken)
+
+
+def test_loaded_model_summary_reports_what_it_holds(saved):
+    from test_keras_tiny import fp8_model_holds, summary_totals
+    model, _, _, path = saved
+    loaded = fk.load(path)
+    want_count, want_bytes = fp8_model_holds(model)  # the model it was saved from
+    count, (low, high) = summary_totals(loaded)
+    assert count == want_count and low <= want_bytes <= high

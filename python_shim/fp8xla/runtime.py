@@ -1,16 +1,12 @@
-"""FP8 quantization of Keras(-Hub) causal LMs with Intel Neural Compressor's API.
+"""What a model quantized by fp8xla is and how it runs; shared by quantization
+(``fp8xla.keras``) and loading (``fp8xla.saving``), which both build on it and never on each
+other.
 
-    from fp8xla.keras import StaticQuantConfig, quantize_model
-    config = StaticQuantConfig(weight_dtype="fp8_e4m3", activation_dtype="fp8_e4m3")
-    model = quantize_model(model, config, calib_function)   # calib_function(model) generates
-    model.generate("The capital of France is", max_length=30)  # runs in FP8
-
-How: the model's generate step (Keras-Hub's ``compiled_generate_function`` contract) is
-exported with ``jax.export`` — the variables are arguments — and rewritten by fp8xla's passes:
-``instrument`` for calibration (``calib_function`` runs on that graph), then ``quantize``: every
-matmul on a weight becomes ``fp8xla_matmul`` on one-byte weights, activations QDQ'd with the
-calibrated static scales. ``model.generate_function`` is replaced by a function with Keras-Hub's
-contract that runs the rewritten graph (compiled once per input shape) with the FP8 weights.
+A quantized Keras-Hub causal LM carries ``model.fp8`` (:class:`Fp8State`): the
+:class:`StaticQuantConfig`, a :class:`QuantizedWeight` per FP8 variable and the FP8 codes on
+the device. :func:`install` makes ``generate()`` and ``predict()`` run the model's step
+exported with ``jax.export`` and rewritten by fp8xla's passes (:class:`GraphCache`, compiled
+once per input signature), with the FP8 codes in place of the float weights.
 """
 from __future__ import annotations
 
@@ -18,15 +14,10 @@ import itertools
 from dataclasses import dataclass
 
 import jax
+import keras
 import numpy as np
 
-from . import graph, ops, saving
-from .saving import load, save  # noqa: F401  (fp8xla.keras.load / save)
-
-try:  # registers the preprocessor class of the default model, which its presets name
-    from . import models as _models  # noqa: F401
-except ImportError:  # keras_hub/sentencepiece missing: only the default model needs them
-    pass
+from . import graph
 
 _DTYPES = {"fp8_e4m3": "e4m3fn", "fp8_e5m2": "e5m2", "e4m3fn": "e4m3fn", "e5m2": "e5m2"}
 
@@ -88,14 +79,18 @@ class QuantizedWeight:
     a_scale: float | None
 
 
-def _check_model(model):
-    import keras_hub
+@dataclass
+class Fp8State:
+    """What fp8xla attaches to a quantized model as ``model.fp8``."""
 
-    # The rewrite itself is model-agnostic, but only Gemma3's graph is tested end to end.
-    if not isinstance(model, keras_hub.models.Gemma3CausalLM):
-        raise TypeError(
-            f"fp8xla.keras: expected a keras_hub.models.Gemma3CausalLM, got "
-            f"{type(model).__name__}")
+    config: StaticQuantConfig
+    weights: dict  # trainable variable index -> QuantizedWeight
+    forward: "GraphCache"
+    codes: dict  # trainable variable index -> device array of FP8 codes
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's steps as graphs
 
 
 def _spec(x):
@@ -109,7 +104,6 @@ def _var_specs(variables):
 
 def _stateless_generate(model, stop_token_ids):
     """Keras-Hub's compiled generate step with all variables as explicit state."""
-    import keras
 
     def generate(inputs, state):
         sampler_v, trainable_v, non_trainable_v = state
@@ -154,7 +148,7 @@ def _trainable_arg_indices(exp, prefix):
     return out
 
 
-class _GraphCache:
+class GraphCache:
     """Exports, rewrites and compiles a step once per input signature.
 
     kind "generate": Keras-Hub's generate step ``(inputs, state) -> (outputs, sampler vars)``;
@@ -188,9 +182,8 @@ class _GraphCache:
         return self.compiled[key]
 
 
-def _generate_function(model, cache, trainable_values):
+def generate_function(model, cache, trainable_values):
     """A replacement for ``model.generate_function`` with Keras-Hub's contract."""
-    import keras
     from keras import tree
 
     def generate_function(inputs, stop_token_ids=None):
@@ -213,142 +206,13 @@ def _generate_function(model, cache, trainable_values):
     return generate_function
 
 
-def float_generate_function(model):
-    """Keras-Hub's float generate step behind the same wrapper fp8xla uses (inputs and outputs
-    that are None dropped), for baselines and for models without a preprocessor."""
-    _check_model(model)
-    cache = _GraphCache(model, lambda exp, arg_of: exp)
-    return _generate_function(model, cache, lambda: [v.value for v in model.trainable_variables])
+# ---------------------------------------------------------------------------------------------
+# a quantized model
 
 
-def calibrate(model, calib_function, weight_indices=None):
-    """Runs ``calib_function(model)`` with the model's generate step instrumented.
-
-    Returns ``{trainable variable index: max |activation| over every matmul it feeds}``."""
-    _check_model(model)
-    sites_by_sig = []
-
-    def rewrite(exp, arg_of):
-        var_of = {a: i for i, a in arg_of.items()}
-        weights = [arg_of[i] for i in (weight_indices or arg_of)]
-        inst, sites = graph.instrument_exported(exp, weights=sorted(weights))
-        sites_by_sig.append({s["site"]: var_of[s["arg"]] for s in sites["sites"]})
-        return inst
-
-    saved = model.generate_function
-    cache = _GraphCache(model, rewrite)
-    ops.reset_observer()
-    model.generate_function = _generate_function(
-        model, cache, lambda: [v.value for v in model.trainable_variables])
-    try:
-        calib_function(model)
-    finally:
-        model.generate_function = saved
-    stats = ops.observer_stats()
-    if not stats:
-        raise RuntimeError(
-            "fp8xla.keras.quantize_model: calib_function never ran the model's generate step, "
-            "so no activation was observed; it must call model.generate(...) at least once")
-    amax = {}
-    for table in sites_by_sig:
-        for site, var in table.items():
-            if site in stats:
-                s = stats[site]
-                if s.nonfinite:
-                    raise ValueError(
-                        f"fp8xla.keras: calibration saw {s.nonfinite} NaN/inf activations at "
-                        f"the input of {model.trainable_variables[var].path}")
-                amax[var] = max(amax.get(var, 0.0), s.amax)
-    return amax
-
-
-def quantize_model(model, config: StaticQuantConfig, calib_function=None):
-    """Quantizes ``model`` in place to FP8 and returns it; its ``generate()`` then runs FP8.
-
-    ``calib_function(model)`` must call ``model.generate`` on representative prompts; it is
-    required when ``config.activation_dtype`` is set (static activation scales)."""
-    _check_model(model)
-    if not isinstance(config, StaticQuantConfig):
-        raise TypeError(f"fp8xla.keras.quantize_model: config must be a StaticQuantConfig, "
-                        f"got {type(config).__name__}")
-    if config.a_format and calib_function is None:
-        raise ValueError("fp8xla.keras.quantize_model: activation quantization needs a "
-                         "calib_function (or use activation_dtype=None for weight-only)")
-    candidates = _quantizable_variables(model, config)
-    if not candidates:
-        raise ValueError(_no_quantizable_layers(model))
-    amax = calibrate(model, calib_function, candidates) if config.a_format else {}
-    dims = _matmul_dims(model, candidates)
-    qweights = {}
-    for i in candidates:
-        var = model.trainable_variables[i]
-        if i not in dims:
-            continue  # not used by a matmul in the generate step
-        w = np.asarray(var.value, np.float32)
-        channel_dim = None
-        if config.granularity == "per_channel" and not _is_embedding(var):
-            free = dims[i]
-            channel_dim = max(free, key=lambda d: (w.shape[d], d)) if free else None
-        codes, scale = ops.quantize_weight(w, config.w_format, channel_dim)
-        a_scale = None
-        if config.a_format and i in amax and not any(
-                name in var.path for name in config.float_activation_layers):
-            a_scale = ops.scale_for(amax[i], config.a_format)
-        qweights[i] = QuantizedWeight(i, var.path, codes, scale, channel_dim, a_scale)
-    if not qweights:
-        raise ValueError(_no_quantizable_layers(model))
-    _install(model, config, qweights)
-    return model
-
-
-def _no_quantizable_layers(model):
-    return (f"fp8xla.keras.quantize_model: {type(model).__name__} has no quantizable layers: "
-            "no trainable float weight of rank >= 2 feeds a matmul of its generate step "
-            "(fp8xla quantizes trainable variables; frozen ones, e.g. after enable_lora(), "
-            "stay as they are)")
-
-
-def _is_embedding(var):
-    return "embedding" in var.path
-
-
-def _quantizable_variables(model, config):
-    out = []
-    for i, v in enumerate(model.trainable_variables):
-        if len(v.shape) < 2 or "float" not in str(v.dtype):
-            continue
-        if _is_embedding(v) and not config.quantize_embeddings:
-            continue
-        out.append(i)
-    return out
-
-
-def _matmul_dims(model, candidates):
-    """Free (output-channel) dims of each candidate weight at its matmuls, from the quantize
-    pass's report on the generate step of a one-token prompt."""
-    found = {}
-
-    def rewrite(exp, arg_of):
-        var_of = {a: i for i, a in arg_of.items()}
-        options = {"weights": [{"arg": arg_of[i], "format": "e4m3fn", "w_scale": 1.0}
-                               for i in candidates]}
-        _, report = graph.run_pass("quantize", graph.module_text(exp), options)
-        for mm in report["matmuls"]:
-            i = var_of[mm["arg"]]
-            rank = len(model.trainable_variables[i].shape)
-            used = set(mm["rhs_contracting_dims"]) | set(mm["rhs_batching_dims"])
-            free = [d for d in range(rank) if d not in used]
-            found[i] = sorted(set(found.get(i, free)) & set(free))
-        return exp
-
-    cache = _GraphCache(model, rewrite)
-    inputs = {"token_ids": np.zeros((1, 2), np.int32), "padding_mask": np.ones((1, 2), bool)}
-    cache.get(inputs, None)
-    return found
-
-
-def _install(model, config, qweights):
-    """Makes ``model.generate()``, ``model.predict()`` and ``logits()`` run the FP8 graph."""
+def install(model, config, qweights):
+    """Makes ``model.generate()``, ``model.predict()`` and :func:`logits` run the FP8 graph
+    (sets ``model.fp8``, ``model.generate_function`` and ``model.predict_function``)."""
     codes = {i: jax.device_put(q.codes) for i, q in qweights.items()}
 
     def rewrite(exp, arg_of):
@@ -369,21 +233,13 @@ def _install(model, config, qweights):
     def with_codes(trainable):
         return [codes[i] if i in codes else v for i, v in enumerate(trainable)]
 
-    forward = _GraphCache(model, rewrite, kind="forward")
-    model.fp8 = _Fp8State(config=config, weights=qweights, forward=forward, codes=codes)
-    model.generate_function = _generate_function(
-        model, _GraphCache(model, rewrite),
+    forward = GraphCache(model, rewrite, kind="forward")
+    model.fp8 = Fp8State(config=config, weights=qweights, forward=forward, codes=codes)
+    model.generate_function = generate_function(
+        model, GraphCache(model, rewrite),
         lambda: [codes[i] if i in codes else v.value
                  for i, v in enumerate(model.trainable_variables)])
     model.predict_function = _predict_function(forward, with_codes)
-    saving.install_save_hook(model)
-    if not isinstance(model, saving._class()):
-        # Keras-Hub's compile() resets generate_function: keep the model in FP8 after it.
-        def compile(*args, **kwargs):
-            type(model).compile(model, *args, **kwargs)
-            _install(model, config, qweights)
-
-        model.compile = compile
 
 
 def _predict_function(forward, with_codes):
@@ -417,38 +273,56 @@ def logits(model, inputs):
     if state is None:
         cache = getattr(model, "_fp8xla_float_forward", None)
         if cache is None:
-            cache = model._fp8xla_float_forward = _GraphCache(
+            cache = model._fp8xla_float_forward = GraphCache(
                 model, lambda exp, arg_of: exp, kind="forward")
         return cache.get(inputs)(inputs, trainable, non_trainable)
     return state.forward.get(inputs)(inputs, trainable, non_trainable)
 
 
-@dataclass
-class _Fp8State:
-    """What fp8xla attaches to a quantized model as ``model.fp8``."""
-
-    config: StaticQuantConfig
-    weights: dict  # trainable variable index -> QuantizedWeight
-    forward: _GraphCache
-    codes: dict  # trainable variable index -> device array of FP8 codes
+# ---------------------------------------------------------------------------------------------
+# what a quantized model holds, as Keras' summary() counts it
 
 
-def print_model(model, file=None):
-    """Lists each quantized weight: path, kind, activation scale and weight scale."""
-    state = getattr(model, "fp8", None)
-    if state is None:
-        raise ValueError("fp8xla.keras.print_model: the model is not quantized by fp8xla")
-    lines = [f"{'layer':58s} {'kind':8s} {'a_scale':>12s} {'w_scale':>24s}"]
-    for q in state.weights.values():
-        kind = "embed" if "embedding" in q.path else "matmul"
-        a = f"{q.a_scale:.6g}" if q.a_scale is not None else "-"
-        if q.channel_dim is None:
-            w = f"{float(q.w_scale):.6g}"
-        else:
-            s = np.asarray(q.w_scale)
-            w = f"[{s.min():.3g}..{s.max():.3g}] dim {q.channel_dim}"
-        lines.append(f"{q.path:58s} {kind:8s} {a:>12s} {w:>24s}")
-    print("\n".join(lines), file=file)
+@dataclass(frozen=True)
+class StoredArray:
+    """An array a quantized model holds, described as Keras' ``summary()`` reads a weight
+    (``shape`` and ``dtype``; it sums ``prod(shape) * size(dtype)``)."""
+
+    path: str
+    shape: tuple
+    dtype: str
 
 
-saving.register()  # FP8 presets load with Keras-Hub's from_preset once fp8xla.keras is imported
+def stored_trainable_weights(model):
+    """``model.trainable_weights`` as the quantized model holds them: each FP8 weight as its
+    one-byte codes and its scales, every other weight as it is."""
+    state = model.fp8
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    out = []
+    for v in model.trainable_weights:
+        q = state.weights.get(index.get(id(v)))
+        if q is None:
+            out.append(v)
+            continue
+        # Keras' summary has no size for float8 dtypes; the codes are one byte each (uint8 in
+        # the weights file).
+        out.append(StoredArray(q.path, tuple(np.shape(q.codes)), "uint8"))
+        out.append(StoredArray(q.path + "/w_scale", tuple(np.shape(q.w_scale)), "float32"))
+        if q.a_scale is not None:
+            out.append(StoredArray(q.path + "/a_scale", (), "float32"))
+    return out
+
+
+def summary_of_stored_weights(model, summary, *args, **kwargs):
+    """Runs Keras' ``summary`` of the quantized ``model`` so that its parameter counts and
+    sizes are those of the arrays the model holds (:func:`stored_trainable_weights`).
+
+    Keras' ``print_summary`` sizes the trainable weights from
+    ``model._collected_trainable_weights`` when the model has that attribute, else from
+    ``model.trainable_weights`` (which the FP8 graph needs as the float variables). The
+    attribute is set for this call only, past Keras' attribute tracking."""
+    object.__setattr__(model, "_collected_trainable_weights", stored_trainable_weights(model))
+    try:
+        return summary(*args, **kwargs)
+    finally:
+        object.__delattr__(model, "_collected_trainable_weights")

@@ -1,0 +1,235 @@
+"""FP8 quantization of Keras(-Hub) causal LMs with Intel Neural Compressor's API.
+
+    from fp8xla.keras import StaticQuantConfig, quantize_model
+    config = StaticQuantConfig(weight_dtype="fp8_e4m3", activation_dtype="fp8_e4m3")
+    model = quantize_model(model, config, calib_function)   # calib_function(model) generates
+    model.generate("The capital of France is", max_length=30)  # runs in FP8
+
+How: the model's generate step (Keras-Hub's ``compiled_generate_function`` contract) is
+exported with ``jax.export`` — the variables are arguments — and rewritten by fp8xla's passes:
+``instrument`` for calibration (``calib_function`` runs on that graph), then ``quantize``: every
+matmul on a weight becomes ``fp8xla_matmul`` on one-byte weights, activations QDQ'd with the
+calibrated static scales. ``model.generate_function`` is replaced by a function with Keras-Hub's
+contract that runs the rewritten graph (compiled once per input shape) with the FP8 weights
+(see :mod:`fp8xla.runtime`).
+
+INC's module layout is mirrored where its examples import from it:
+``fp8xla.keras.utils.utility.print_model`` is :func:`print_model`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import keras_hub
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "fp8xla.keras needs Keras and Keras-Hub (install fp8xla with its `keras` extra, or "
+        f"pip install keras-hub): {e}") from e
+
+from .. import graph, ops, runtime
+from ..runtime import QuantizedWeight, StaticQuantConfig, logits  # noqa: F401  (public API)
+from ..saving import Fp8Gemma3CausalLM, PresetError, load, save  # noqa: F401  (public API)
+
+try:  # registers the preprocessor class of the default model, which its presets name
+    from .. import models as _models  # noqa: F401
+except ImportError:  # sentencepiece missing: only the default model needs it
+    pass
+
+__all__ = [
+    "Fp8Gemma3CausalLM", "PresetError", "QuantizedWeight", "StaticQuantConfig", "calibrate",
+    "float_generate_function", "load", "logits", "print_model", "quantize_model", "save",
+]
+
+
+def _check_model(model):
+    # The rewrite itself is model-agnostic, but only Gemma3's graph is tested end to end.
+    if not isinstance(model, keras_hub.models.Gemma3CausalLM):
+        raise TypeError(
+            f"fp8xla.keras: expected a keras_hub.models.Gemma3CausalLM, got "
+            f"{type(model).__name__}")
+
+
+def float_generate_function(model):
+    """Keras-Hub's float generate step behind the same wrapper fp8xla uses (inputs and outputs
+    that are None dropped), for baselines and for models without a preprocessor."""
+    _check_model(model)
+    cache = runtime.GraphCache(model, lambda exp, arg_of: exp)
+    return runtime.generate_function(
+        model, cache, lambda: [v.value for v in model.trainable_variables])
+
+
+def calibrate(model, calib_function, weight_indices=None):
+    """Runs ``calib_function(model)`` with the model's generate step instrumented.
+
+    Returns ``{trainable variable index: max |activation| over every matmul it feeds}``."""
+    _check_model(model)
+    sites_by_sig = []
+
+    def rewrite(exp, arg_of):
+        var_of = {a: i for i, a in arg_of.items()}
+        weights = [arg_of[i] for i in (weight_indices or arg_of)]
+        inst, sites = graph.instrument_exported(exp, weights=sorted(weights))
+        sites_by_sig.append({s["site"]: var_of[s["arg"]] for s in sites["sites"]})
+        return inst
+
+    saved = model.generate_function
+    cache = runtime.GraphCache(model, rewrite)
+    ops.reset_observer()
+    model.generate_function = runtime.generate_function(
+        model, cache, lambda: [v.value for v in model.trainable_variables])
+    try:
+        calib_function(model)
+    finally:
+        model.generate_function = saved
+    stats = ops.observer_stats()
+    if not stats:
+        raise RuntimeError(
+            "fp8xla.keras.quantize_model: calib_function never ran the model's generate step, "
+            "so no activation was observed; it must call model.generate(...) at least once")
+    amax = {}
+    for table in sites_by_sig:
+        for site, var in table.items():
+            if site in stats:
+                s = stats[site]
+                if s.nonfinite:
+                    raise ValueError(
+                        f"fp8xla.keras: calibration saw {s.nonfinite} NaN/inf activations at "
+                        f"the input of {model.trainable_variables[var].path}")
+                amax[var] = max(amax.get(var, 0.0), s.amax)
+    return amax
+
+
+def quantize_model(model, config: StaticQuantConfig, calib_function=None):
+    """Quantizes ``model`` in place to FP8 and returns it; its ``generate()`` then runs FP8.
+
+    ``calib_function(model)`` must call ``model.generate`` on representative prompts; it is
+    required when ``config.activation_dtype`` is set (static activation scales)."""
+    _check_model(model)
+    if not isinstance(config, StaticQuantConfig):
+        raise TypeError(f"fp8xla.keras.quantize_model: config must be a StaticQuantConfig, "
+                        f"got {type(config).__name__}")
+    if config.a_format and calib_function is None:
+        raise ValueError("fp8xla.keras.quantize_model: activation quantization needs a "
+                         "calib_function (or use activation_dtype=None for weight-only)")
+    candidates = _quantizable_variables(model, config)
+    if not candidates:
+        raise ValueError(_no_quantizable_layers(model))
+    amax = calibrate(model, calib_function, candidates) if config.a_format else {}
+    dims = _matmul_dims(model, candidates)
+    qweights = {}
+    for i in candidates:
+        var = model.trainable_variables[i]
+        if i not in dims:
+            continue  # not used by a matmul in the generate step
+        w = np.asarray(var.value, np.float32)
+        channel_dim = None
+        if config.granularity == "per_channel" and not _is_embedding(var):
+            free = dims[i]
+            channel_dim = max(free, key=lambda d: (w.shape[d], d)) if free else None
+        codes, scale = ops.quantize_weight(w, config.w_format, channel_dim)
+        a_scale = None
+        if config.a_format and i in amax and not any(
+                name in var.path for name in config.float_activation_layers):
+            a_scale = ops.scale_for(amax[i], config.a_format)
+        qweights[i] = QuantizedWeight(i, var.path, codes, scale, channel_dim, a_scale)
+    if not qweights:
+        raise ValueError(_no_quantizable_layers(model))
+    runtime.install(model, config, qweights)
+    if not isinstance(model, Fp8Gemma3CausalLM):
+        _give_fp8_methods(model)
+    return model
+
+
+def _give_fp8_methods(model):
+    """Gives a stock ``Gemma3CausalLM`` quantized in this process what
+    :class:`~fp8xla.saving.Fp8Gemma3CausalLM` (a loaded FP8 model) has as methods."""
+    stock = type(model)
+    stock_compile = stock.compile.__get__(model)
+    stock_summary = stock.summary.__get__(model)
+
+    def compile(*args, **kwargs):
+        # Keras-Hub's compile() resets generate_function: keep the model in FP8 after it.
+        stock_compile(*args, **kwargs)
+        runtime.install(model, model.fp8.config, model.fp8.weights)
+
+    def save_to_preset(preset_dir, max_shard_size=None):
+        save(model, preset_dir)
+
+    def summary(*args, **kwargs):
+        return runtime.summary_of_stored_weights(model, stock_summary, *args, **kwargs)
+
+    model.compile = compile
+    model.save_to_preset = save_to_preset
+    model.summary = summary
+
+
+def _no_quantizable_layers(model):
+    return (f"fp8xla.keras.quantize_model: {type(model).__name__} has no quantizable layers: "
+            "no trainable float weight of rank >= 2 feeds a matmul of its generate step "
+            "(fp8xla quantizes trainable variables; frozen ones, e.g. after enable_lora(), "
+            "stay as they are)")
+
+
+def _is_embedding(var):
+    return "embedding" in var.path
+
+
+def _quantizable_variables(model, config):
+    out = []
+    for i, v in enumerate(model.trainable_variables):
+        if len(v.shape) < 2 or "float" not in str(v.dtype):
+            continue
+        if _is_embedding(v) and not config.quantize_embeddings:
+            continue
+        out.append(i)
+    return out
+
+
+def _matmul_dims(model, candidates):
+    """Free (output-channel) dims of each candidate weight at its matmuls, from the quantize
+    pass's report on the generate step of a one-token prompt."""
+    found = {}
+
+    def rewrite(exp, arg_of):
+        var_of = {a: i for i, a in arg_of.items()}
+        options = {"weights": [{"arg": arg_of[i], "format": "e4m3fn", "w_scale": 1.0}
+                               for i in candidates]}
+        _, report = graph.run_pass("quantize", graph.module_text(exp), options)
+        for mm in report["matmuls"]:
+            i = var_of[mm["arg"]]
+            rank = len(model.trainable_variables[i].shape)
+            used = set(mm["rhs_contracting_dims"]) | set(mm["rhs_batching_dims"])
+            free = [d for d in range(rank) if d not in used]
+            found[i] = sorted(set(found.get(i, free)) & set(free))
+        return exp
+
+    cache = runtime.GraphCache(model, rewrite)
+    inputs = {"token_ids": np.zeros((1, 2), np.int32), "padding_mask": np.ones((1, 2), bool)}
+    cache.get(inputs, None)
+    return found
+
+
+def print_model(model, file=None):
+    """Lists the model's weight matrices (trainable variables of rank >= 2): path, kind, how
+    they are stored, activation scale and weight scale (``-`` where there is none: a float
+    weight, or a model not quantized by fp8xla)."""
+    state = getattr(model, "fp8", None)
+    quantized = state.weights if state is not None else {}
+    lines = [f"{'layer':58s} {'kind':8s} {'stored as':14s} {'a_scale':>12s} {'w_scale':>24s}"]
+    for i, v in enumerate(model.trainable_variables):
+        if len(v.shape) < 2:
+            continue
+        kind = "embed" if _is_embedding(v) else "matmul"
+        q = quantized.get(i)
+        if q is None:
+            lines.append(f"{v.path:58s} {kind:8s} {str(v.dtype):14s} {'-':>12s} {'-':>24s}")
+            continue
+        a = f"{q.a_scale:.6g}" if q.a_scale is not None else "-"
+        if q.channel_dim is None:
+            w = f"{float(q.w_scale):.6g}"
+        else:
+            s = np.asarray(q.w_scale)
+            w = f"[{s.min():.3g}..{s.max():.3g}] dim {q.channel_dim}"
+        lines.append(f"{q.path:58s} {kind:8s} {str(q.codes.dtype):14s} {a:>12s} {w:>24s}")
+    print("\n".join(lines), file=file)
