@@ -1,10 +1,14 @@
 """Packaging: the sdist built from the repository root holds the Rust crate and the Python
-package (and no build outputs), and the pins of pyproject.toml agree with constraints.txt."""
+package (and no build outputs), the pins of pyproject.toml agree with constraints.txt, and
+what the installed package promises works away from a checkout: `fp8xla matmuls` runs, and
+`fp8xla bench` says that it runs from a checkout."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -154,3 +158,54 @@ def test_extras_say_what_the_requirement_files_say():
     assert nodeps == {"keras-hub", "tokenizers"}
     assert names("keras") & nodeps == set()
     assert names("keras") <= _requirement_names(SHIM / "requirements.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# the installed package away from a checkout
+
+
+def test_bench_outside_a_checkout_says_it_runs_from_one(tmp_path):
+    for extra in ([], ["--repo", str(tmp_path)]):
+        run = subprocess.run([sys.executable, "-m", "fp8xla.cli", "bench", *extra, "--quick"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr
+        err = " ".join(run.stderr.split())
+        assert "runs from a checkout of the fp8xla repository" in err
+        assert f"no checkout found in {tmp_path}" in err
+        assert "Run `fp8xla bench` inside a clone of the repository, or pass --repo PATH" in err
+
+
+def test_bench_runs_the_checkouts_driver_named_by_repo(tmp_path):
+    # Its --help only: the benchmark itself takes half an hour (test_bench_e2e runs a quick one).
+    run = subprocess.run([sys.executable, "-m", "fp8xla.cli", "bench", "--repo", str(REPO),
+                          "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "usage: fp8xla bench" in run.stdout and "--contenders" in run.stdout
+
+
+def test_matmuls_runs_from_the_installed_package(tmp_path):
+    # `fp8xla matmuls` in a fresh process away from the checkout, on two small shapes (one of
+    # each weight layout, one weight copy each) instead of Gemma3-270M's: what it needs must
+    # all be in the package. No time is checked, only that every measurement is there and the
+    # FP8 custom call agrees with the fake-quant dot.
+    script = textwrap.dedent("""
+        import functools, sys
+        from fp8xla import cli, matmul_bench
+        matmul_bench.DISTINCT_BYTES = 0
+        matmul_bench.compare = functools.partial(
+            matmul_bench.compare, min_seconds=0.0,
+            shapes=[("small kn", 64, 48, "kn"), ("small nk", 96, 32, "nk")])
+        sys.exit(cli.main(["matmuls", "--m", "1", "3", "--reps", "1", "--json", "rows.json"]))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("geometric-mean speedup") == 2
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["name"], r["m"], r["k"], r["n"]) for r in rows] == [
+        ("small kn", 1, 64, 48), ("small nk", 1, 96, 32),
+        ("small kn", 3, 64, 48), ("small nk", 3, 96, 32)]
+    for r in rows:
+        assert r["f32_ms"] > 0 and r["fp8_ms"] > 0 and r["fake_quant_ms"] > 0
+        assert r["max_rel_err_vs_fake_quant"] < 1e-5
