@@ -36,13 +36,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import e2e_contenders  # noqa: E402
-import e2e_report  # noqa: E402
-from e2e_process import WorkerFailed, WorkerProcess  # noqa: E402
-from fp8xla.perplexity import GPL3_PATH  # noqa: E402  (the protocol's text)
+# Run as a script (`python benches/e2e.py`, which `fp8xla bench` does), this directory is first
+# on sys.path, so the sibling modules import directly.
+import e2e_contenders
+import e2e_report
+from e2e_process import WorkerFailed, WorkerProcess
+from fp8xla.perplexity import GPL3_PATH  # the protocol's text
 
 
 @dataclass

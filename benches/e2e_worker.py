@@ -46,7 +46,7 @@ import time
 import traceback
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script (by e2e_process), this directory is first on sys.path.
 
 import e2e_contenders  # noqa: E402
 

@@ -23,7 +23,8 @@ def library_path() -> str:
     if not found:
         raise ImportError(
             f"fp8xla: the native library is missing from {here}; install the package with "
-            "`pip install ./python_shim` (it builds the Rust library) or set FP8XLA_LIBRARY"
+            "`pip install .` from the repository root (it builds the Rust library) or set "
+            "FP8XLA_LIBRARY"
         )
     return found[0]
 

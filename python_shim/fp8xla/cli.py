@@ -150,11 +150,15 @@ def matmuls(args) -> int:
 
 
 def find_bench(repo=None):
-    """Path of the end-to-end benchmark driver, benches/e2e.py of the fp8xla checkout.
+    """Path of the end-to-end benchmark driver, benches/e2e.py of an fp8xla checkout.
 
-    The benchmark is part of the repository, not of the installed package (it compares
-    fp8xla with other packages and writes reports), so the CLI looks for it in ``repo`` or
-    else in the current directory and its parents."""
+    `fp8xla bench` runs from a checkout of the repository, by design: the end-to-end benchmark
+    is repository code (benches/e2e*.py), not part of the installed package. It compares
+    fp8xla with other packages (Intel Neural Compressor, Keras int8) in worker processes of
+    its own and writes reports like those in benches/results, so it belongs next to them; a
+    wheel holds only fp8xla. (`fp8xla matmuls`, the kernel speed check, needs nothing but the
+    package and ships in it: fp8xla/matmul_bench.py.) The CLI looks for the checkout in
+    ``repo``, or else in the current directory and its parents."""
     from pathlib import Path
 
     starts = [Path(repo)] if repo else [Path.cwd(), *Path.cwd().parents]
@@ -164,13 +168,16 @@ def find_bench(repo=None):
             return driver
     where = f"in {repo}" if repo else f"in {Path.cwd()} or its parents"
     raise FileNotFoundError(
-        f"fp8xla bench: no fp8xla checkout (benches/e2e.py next to python_shim/fp8xla) found "
-        f"{where}; run it from the repository or pass --repo PATH")
+        f"fp8xla bench: the end-to-end benchmark runs from a checkout of the fp8xla repository "
+        f"(benches/e2e.py next to python_shim/fp8xla) and is not part of the installed "
+        f"package; no checkout found {where}. Run `fp8xla bench` inside a clone of the "
+        f"repository, or pass --repo PATH to name one.")
 
 
 def bench(argv) -> int:
-    """Runs benches/e2e.py of the checkout with the remaining arguments."""
-    import importlib
+    """Runs benches/e2e.py of the checkout with the remaining arguments as a script of this
+    interpreter (so it measures the fp8xla installed here) and returns its exit status."""
+    import subprocess
 
     repo = None
     if "--repo" in argv:
@@ -184,9 +191,16 @@ def bench(argv) -> int:
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2
-    sys.path.insert(0, str(driver.parent))  # e2e.py imports its sibling modules
-    e2e = importlib.import_module("e2e")
-    return e2e.main(argv)
+    child = subprocess.Popen([sys.executable, str(driver), *argv])
+    while True:
+        try:
+            code = child.wait()
+            break
+        except KeyboardInterrupt:
+            # Ctrl-C reached the benchmark too (one process group): it ends its workers and
+            # exits, and its status is this command's.
+            continue
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
 
 
 def main(argv=None) -> int:

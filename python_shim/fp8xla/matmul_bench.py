@@ -8,7 +8,11 @@ In a decode step every layer's weights are read once per token, and together the
 larger than the CPU caches. Timing one small matrix over and over would instead measure it
 from cache. So each shape gets enough distinct weight copies to cover `DISTINCT_BYTES` of
 float32 weights (like the layers of a model), and each timed pass calls the matmul once on
-every copy, for both contenders alike."""
+every copy, for both contenders alike.
+
+This is part of the installed package, unlike the end-to-end benchmark (benches/ of the
+repository): `fp8xla matmuls` is the speed check a user runs after installing, and it needs
+nothing but fp8xla.ops, JAX and NumPy."""
 from __future__ import annotations
 
 import time

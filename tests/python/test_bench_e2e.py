@@ -156,7 +156,7 @@ def test_cli_finds_the_benchmark_in_the_checkout(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="--repo"):
         cli.find_bench()
     assert cli.main(["bench", "--quick"]) == 2
-    assert "no fp8xla checkout" in capsys.readouterr().err
+    assert "runs from a checkout of the fp8xla repository" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
