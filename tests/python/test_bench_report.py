@@ -1,8 +1,10 @@
 """The end-to-end benchmark's generated documentation blocks (benches/e2e_report.py): the
 headline table of README.md and the full report of docs/benchmarks.md, written between marker
-comments from a results.json, on fake results."""
+comments from a results.json, on fake results; and the committed documents being exactly what
+the writer makes of the committed benches/results/results.json."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -124,3 +126,14 @@ def test_missing_document_is_named(tmp_path, results):
     (tmp_path / "docs" / "benchmarks.md").unlink()
     with pytest.raises(FileNotFoundError, match=r"benchmarks\.md does not exist.*'report'"):
         e2e_report.update_docs(results, tmp_path)
+
+
+def test_committed_reports_are_generated_from_the_committed_results():
+    # README.md, docs/benchmarks.md and benches/results/results.md hold what the writer makes
+    # of benches/results/results.json: a hand edit of a generated table fails here.
+    results = json.loads((REPO / "benches" / "results" / "results.json").read_text())
+    for rel, name, write in e2e_report.DOCUMENTS:
+        text = (REPO / rel).read_text()
+        assert e2e_report.replace_block(text, name, write(results), rel) == text, rel
+    assert (REPO / "benches" / "results" / "results.md").read_text() == \
+        e2e_report.markdown(results)
