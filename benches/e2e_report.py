@@ -282,10 +282,9 @@ def headline(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c in results["contenders"]:
-        m = c.get("measure") or {}
         v = c.get("vs_float32") or {}
         label = c["label"] if c["status"] == "ok" else f"{c['label']} ({status_text(c)})"
-        p, d, ppl = prefill(c), decode(c), m.get("perplexity")
+        p, d, ppl = prefill(c), decode(c), (c.get("measure") or {}).get("perplexity")
         ratios = " / ".join(_x(v.get(k)) for k in ("prefill", "decode", "peak_rss")) \
             if v else "–"
         lines.append(
