@@ -24,7 +24,7 @@ use super::emit::set_props;
 use super::flow::walk_functions_mut;
 use super::ir::{ElementType, Module, Op};
 use super::loc_json;
-use crate::handlers::{dot_plan, DotSide};
+use crate::layout::{dot_f32_layout, DotSide};
 
 /// The target the products become.
 pub const TARGET: &str = "fp8xla_dot_f32";
@@ -99,7 +99,7 @@ fn decode_shaped(op: &Op, min_bytes: usize) -> Option<DotDims> {
     };
     let l = side(lhs, &dims.lhs_contracting, &dims.lhs_batching);
     let r = side(rhs, &dims.rhs_contracting, &dims.rhs_batching);
-    let plan = dot_plan(&l, &r).ok()?;
+    let plan = dot_f32_layout(&l, &r).ok()?;
     let streamed = if plan.lhs_streams { &l } else { &r };
     let bytes = streamed.dims.iter().product::<i64>() * 4;
     // A KN operand narrower than a vector would run on the kernels' scalar tails.
