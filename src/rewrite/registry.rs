@@ -41,7 +41,7 @@ pub fn run_pass(
             "pass",
             Pos::default(),
             &format!("one of the passes {}", PASSES.join(", ")),
-            &format!("{other:?}"),
+            &format!("the unknown pass {other:?}"),
         )),
     }
 }
