@@ -27,26 +27,6 @@ const ATTRS: &[&str] = &[
     "w_scale_dim",
 ];
 
-/// [`matmul_layout`], its refusal an invalid-argument error.
-pub(crate) fn plan(
-    lhs_dims: &[i64],
-    rhs_dims: &[i64],
-    lhs_contracting: &[i64],
-    rhs_contracting: &[i64],
-    lhs_batching: &[i64],
-    rhs_batching: &[i64],
-) -> Result<Plan, FfiError> {
-    matmul_layout(
-        lhs_dims,
-        rhs_dims,
-        lhs_contracting,
-        rhs_contracting,
-        lhs_batching,
-        rhs_batching,
-    )
-    .map_err(FfiError::invalid)
-}
-
 fn row_major_strides(dims: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
@@ -157,7 +137,7 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
             lhs.dtype().name()
         )));
     }
-    let plan = plan(
+    let plan = matmul_layout(
         lhs.dims(),
         rhs.dims(),
         &attrs.i64_array("lhs_contracting_dims")?,
@@ -168,7 +148,8 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         &attrs
             .opt_i64_array("rhs_batching_dims")?
             .unwrap_or_default(),
-    )?;
+    )
+    .map_err(FfiError::invalid)?;
     let a_scale = attrs
         .opt_f32("a_scale")?
         .map(|s| check_scale("a_scale", s))
@@ -300,6 +281,7 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::matmul_layout as plan;
 
     #[test]
     fn gemma_patterns_use_weights_in_place() {
@@ -357,25 +339,15 @@ mod tests {
     #[test]
     fn bad_dimension_numbers_are_named() {
         let e = plan(&[2, 8], &[9, 4], &[1], &[0], &[], &[]).unwrap_err();
-        assert!(
-            e.message.contains("contracting dimension sizes differ"),
-            "{}",
-            e.message
-        );
+        assert!(e.contains("contracting dimension sizes differ"), "{e}");
         let e = plan(&[2, 8], &[8, 4], &[2], &[0], &[], &[]).unwrap_err();
-        assert!(e
-            .message
-            .contains("`lhs_contracting_dims`: dimension 2 is out of range"));
+        assert!(e.contains("`lhs_contracting_dims`: dimension 2 is out of range"));
         let e = plan(&[2, 8], &[8, 4], &[1, 1], &[0, 1], &[], &[]).unwrap_err();
-        assert!(e.message.contains("appears twice"));
+        assert!(e.contains("appears twice"));
         let e = plan(&[2, 8, 3], &[8, 4, 3], &[1, 2], &[0, 2], &[], &[]).unwrap_err();
-        assert!(
-            e.message.contains("contracting dims must be adjacent"),
-            "{}",
-            e.message
-        );
+        assert!(e.contains("contracting dims must be adjacent"), "{e}");
         let e = plan(&[5, 3, 8], &[8, 5, 7], &[2], &[0], &[0], &[1]).unwrap_err();
-        assert!(e.message.contains("batching dims must be the leading dims"));
+        assert!(e.contains("batching dims must be the leading dims"));
     }
 
     #[test]

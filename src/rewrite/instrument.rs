@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::emit::{with_props, Names};
 use super::flow;
-use super::ir::{ElementType, Op, Type};
+use super::ir::{ElementType, Op};
 use super::loc_json;
 use super::options::{self, arg_paths, InstrumentJson};
 use super::pipeline::{self, Context, Pass};
@@ -54,17 +54,7 @@ fn observe_sites(cx: &mut Context, opts: &InstrumentJson) -> Result<Value, Rewri
             "no such function",
         )
     })?;
-    let entry_args: Vec<(Type, Option<String>)> = func
-        .regions
-        .first()
-        .and_then(|r| r.blocks.first())
-        .map(|b| {
-            b.args
-                .iter()
-                .map(|a| (a.ty.clone(), a.loc.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let entry_args = flow::func_args(func);
     let mut args: BTreeMap<usize, Option<ElementType>> = BTreeMap::new();
     if listed {
         for w in weights {

@@ -132,8 +132,8 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
 /// the report so far.
 pub struct Weights {
     opts: Options,
-    /// The entry function's arguments: name, type (as given), location.
-    entry_args: Vec<(String, Type, Option<String>)>,
+    /// The entry function's arguments: type (as given), location.
+    entry_args: Vec<(Type, Option<String>)>,
     /// The original type of each weight.
     original: HashMap<usize, TensorType>,
     /// Every weight followed: its FP8 element type, `None` for those left float.
@@ -173,23 +173,13 @@ impl Weights {
                 "no such function",
             )
         })?;
-        let entry_args: Vec<(String, Type, Option<String>)> = entry
-            .regions
-            .first()
-            .and_then(|r| r.blocks.first())
-            .map(|b| {
-                b.args
-                    .iter()
-                    .map(|a| (a.name.clone(), a.ty.clone(), a.loc.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let entry_args = flow::func_args(entry);
         let entry_pos = entry.pos;
         let mut original: HashMap<usize, TensorType> = HashMap::new();
         let mut follow_args: BTreeMap<usize, Option<ElementType>> = BTreeMap::new();
         let mut skipped = Vec::new();
         for (&arg, spec) in &opts.weights {
-            let Some((_, ty, _)) = entry_args.get(arg) else {
+            let Some((ty, _)) = entry_args.get(arg) else {
                 return Err(RewriteError::new(
                     stage,
                     entry_pos,
@@ -241,7 +231,7 @@ impl Weights {
         }
         for &arg in &opts.skip_args {
             if !opts.weights.contains_key(&arg) {
-                if let Some((_, ty, _)) = entry_args.get(arg) {
+                if let Some((ty, _)) = entry_args.get(arg) {
                     if ty
                         .as_tensor()
                         .is_some_and(|t| t.element.is_quantizable_float())
@@ -321,7 +311,7 @@ impl Weights {
                 let quantized = self.quantized(*arg);
                 let mut w = json!({
                     "arg": arg,
-                    "name": self.entry_args.get(*arg).and_then(|a| a.2.clone()).map(|l| loc_json(&Some(l), aliases)),
+                    "name": self.entry_args.get(*arg).and_then(|a| a.1.clone()).map(|l| loc_json(&Some(l), aliases)),
                     "path": self.opts.paths.get(arg),
                     "format": spec.format.name(),
                     "shape": t.static_shape(),
