@@ -1,4 +1,4 @@
-//! Parse + quantize time on the tiny Gemma3 generate-step module.
+//! Parse + quantize time (and the passes run alone) on the tiny Gemma3 generate-step module.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use fp8xla::rewrite;
@@ -23,6 +23,11 @@ fn bench(c: &mut Criterion) {
     c.bench_function("instrument gemma3", |b| {
         b.iter(|| rewrite::instrument(std::hint::black_box(&module), "{}").unwrap())
     });
+    for pass in ["update_slices_in_place", "decode_dots"] {
+        c.bench_function(&format!("{pass} gemma3"), |b| {
+            b.iter(|| rewrite::run_pass(pass, std::hint::black_box(&module), "{}").unwrap())
+        });
+    }
 }
 
 criterion_group!(benches, bench);

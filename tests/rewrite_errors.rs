@@ -60,8 +60,8 @@ fn bad_options() {
         ),
         (
             r#"{"weights": [{"arg": 1, "format": "e5m2"}]}"#,
-            "w_scale",
-            "none",
+            "the key `w_scale` in `weights[0]`",
+            "no such key",
         ),
         (
             r#"{"weights": [{"arg": 1, "format": "e5m2", "w_scale": [1.0, 2.0]}]}"#,

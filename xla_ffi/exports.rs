@@ -148,17 +148,13 @@ pub unsafe extern "C" fn fp8xla_rewrite(
         let pass = read(pass, "pass").map_err(|e| (2, e))?;
         let module = read(module, "module").map_err(|e| (2, e))?;
         let options = read(options, "options").map_err(|e| (2, e))?;
-        let result = match pass.as_str() {
-            "quantize" => crate::rewrite::quantize(&module, &options),
-            "instrument" => crate::rewrite::instrument(&module, &options),
-            other => {
-                return Err((
-                    2,
-                    format!("fp8xla_rewrite: unknown pass {other:?} (expected \"quantize\" or \"instrument\")"),
-                ))
-            }
+        // An unknown pass name is a bad argument (2); the error lists the known ones.
+        let code = if crate::rewrite::PASSES.contains(&pass.as_str()) {
+            1
+        } else {
+            2
         };
-        result.map_err(|e| (1, e.to_string()))
+        crate::rewrite::run_pass(&pass, &module, &options).map_err(|e| (code, e.to_string()))
     });
     let (code, module, report) = match outcome {
         Ok(Ok((m, r))) => (0, Some(m), r),

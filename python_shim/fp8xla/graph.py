@@ -35,7 +35,25 @@ def module_text(exp: jax.export.Exported) -> str:
 
 
 def run_pass(name: str, text: str, options: dict) -> tuple[str, dict]:
-    """Runs rewrite pass `name` ("quantize" | "instrument") on module text."""
+    """Runs rewrite pass `name` on module text with `options` (a JSON-able dict).
+
+    Returns ``(rewritten module text, report dict)``; raises `RewriteError` naming the pass,
+    the option or place, what was expected and what came. The passes (the library's
+    ``rewrite::PASSES``):
+
+    - ``"quantize"``: FP8 weights (options ``{"weights": [...], ...}``, see
+      `quantize_exported`); runs the quantize passes, then ``update_slices_in_place`` and
+      ``decode_dots`` unless its options turn them off;
+    - ``"instrument"``: ``fp8xla_observe`` on every weight matmul's activation (see
+      `instrument_exported`);
+    - ``"update_slices_in_place"``: a ``dynamic_update_slice`` of a loop-carried value in a
+      ``while`` body becomes the in-place ``fp8xla_update_slice`` (options ``{}``);
+    - ``"decode_dots"``: float32 ``dot_general``s of at most 4 rows with a large operand
+      become ``fp8xla_dot_f32`` (options ``{"min_bytes": 65536}``, optional).
+
+    Every pass's result is checked for consistent types, and an error names the pass that
+    broke it. Run alone, a pass reports ``{"pass": name, "handled": [...]}``; wrap the text
+    with `with_module` to run it."""
     lib = _library.load()
     out_module = ctypes.c_void_p()
     out_report = ctypes.c_void_p()

@@ -1,10 +1,12 @@
 //! Debugging front end of the graph rewrite.
 //!
 //! ```text
-//! fp8xla-rewrite quantize|instrument MODULE.mlir OPTIONS.json [REPORT.json]
+//! fp8xla-rewrite PASS MODULE.mlir [OPTIONS.json [REPORT.json]]
 //! fp8xla-rewrite roundtrip MODULE.mlir
 //! ```
 //!
+//! PASS is one of `fp8xla::rewrite::PASSES` (`quantize`, `instrument`,
+//! `update_slices_in_place`, `decode_dots`); without OPTIONS.json the options are `{}`.
 //! Prints the rewritten module on stdout and the report (or sites table) on stderr, or into
 //! REPORT.json when given. Exit status 1 on a rewrite error (printed on stderr), 2 on bad usage.
 
@@ -14,8 +16,9 @@ use fp8xla::rewrite;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: fp8xla-rewrite quantize|instrument MODULE.mlir OPTIONS.json [REPORT.json]\n       \
-         fp8xla-rewrite roundtrip MODULE.mlir"
+        "usage: fp8xla-rewrite PASS MODULE.mlir [OPTIONS.json [REPORT.json]]\n       \
+         fp8xla-rewrite roundtrip MODULE.mlir\nPASS: {}",
+        rewrite::PASSES.join(", ")
     );
     ExitCode::from(2)
 }
@@ -33,6 +36,13 @@ fn main() -> ExitCode {
         [cmd, module, ..] => (cmd.as_str(), module.as_str()),
         _ => return usage(),
     };
+    if cmd != "roundtrip" && !rewrite::PASSES.contains(&cmd) {
+        eprintln!(
+            "fp8xla-rewrite: unknown pass {cmd:?} (known: {}, and roundtrip)",
+            rewrite::PASSES.join(", ")
+        );
+        return usage();
+    }
     let module = match read(module_path) {
         Ok(m) => m,
         Err(code) => return code,
@@ -47,18 +57,14 @@ fn main() -> ExitCode {
             };
             (printed, format!("{{\"roundtrip\": \"{same}\"}}"))
         }),
-        ("quantize" | "instrument", Some(options_path)) => {
-            let options = match read(options_path) {
-                Ok(o) => o,
+        ("roundtrip", Some(_)) => return usage(),
+        (pass, options_path) => {
+            let options = match options_path.map(|p| read(p)).transpose() {
+                Ok(o) => o.unwrap_or_else(|| "{}".to_string()),
                 Err(code) => return code,
             };
-            if cmd == "quantize" {
-                rewrite::quantize(&module, &options)
-            } else {
-                rewrite::instrument(&module, &options)
-            }
+            rewrite::run_pass(pass, &module, &options)
         }
-        _ => return usage(),
     };
     match result {
         Ok((text, report)) => {

@@ -3,10 +3,12 @@
 //!
 //! The activations are gathered into a packed `[batch, m, k]` float32 panel (converting bf16
 //! and applying the activation QDQ on the way); the weights are never copied, which is why
-//! their layout must already fit the kernels (`[batch, outer, k, inner]`, see [`plan`]).
+//! their layout must already fit the kernels (`[batch, outer, k, inner]`; the rules are in
+//! [`crate::layout`], shared with the graph rewrite).
 use super::{check_scale, fp8_format};
 use crate::fp8::{self, Format};
 use crate::kernels::{fp8_matmul, Fp8Weights, WeightScale};
+use crate::layout::{matmul_layout, MatmulLayout as Plan};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
 use std::borrow::Cow;
@@ -21,60 +23,6 @@ const ATTRS: &[&str] = &[
     "w_scale",
     "w_scale_dim",
 ];
-
-/// Dimension numbers resolved against the operand shapes.
-#[derive(Debug, PartialEq)]
-pub(crate) struct Plan {
-    /// Lhs dims, and its axes in the packed `[batch, m, k]` order: batch axes, free axes
-    /// (rows), contraction axes in the weights' physical order.
-    lhs_dims: Vec<usize>,
-    batch_axes: Vec<usize>,
-    row_axes: Vec<usize>,
-    k_axes: Vec<usize>,
-    /// Weight shape as `[batch, outer, k, inner]`.
-    pub(crate) outer: usize,
-    pub(crate) k: usize,
-    pub(crate) inner: usize,
-    /// Expected result shape.
-    out_dims: Vec<i64>,
-    /// The rhs free dims (output channels), in output order, with their sizes.
-    rhs_free: Vec<(usize, usize)>,
-}
-
-impl Plan {
-    fn size(&self, axes: &[usize]) -> usize {
-        axes.iter().map(|&a| self.lhs_dims[a]).product()
-    }
-    pub(crate) fn batch(&self) -> usize {
-        self.size(&self.batch_axes)
-    }
-    pub(crate) fn m(&self) -> usize {
-        self.size(&self.row_axes)
-    }
-    pub(crate) fn n(&self) -> usize {
-        self.outer * self.inner
-    }
-    /// Whether the lhs already is a contiguous `[batch, m, k]` array: its axes of size > 1
-    /// come in that order. (Decided from the axes, not from per-element offsets: this runs on
-    /// every call.)
-    pub(crate) fn lhs_is_packed(&self) -> bool {
-        let order = self
-            .batch_axes
-            .iter()
-            .chain(&self.row_axes)
-            .chain(&self.k_axes);
-        let mut big = order.filter(|&&a| self.lhs_dims[a] > 1);
-        let mut last = match big.next() {
-            None => return true,
-            Some(&a) => a,
-        };
-        big.all(|&a| std::mem::replace(&mut last, a) < a)
-    }
-}
-
-fn dims_usize(dims: &[i64]) -> Vec<usize> {
-    dims.iter().map(|&d| d as usize).collect()
-}
 
 fn row_major_strides(dims: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; dims.len()];
@@ -94,130 +42,6 @@ fn offsets(axes: &[usize], dims: &[usize], strides: &[usize]) -> Vec<usize> {
             .collect();
     }
     out
-}
-
-pub(crate) fn check_axes(what: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>, FfiError> {
-    let mut seen = vec![false; rank];
-    axes.iter()
-        .map(|&a| {
-            let i = usize::try_from(a)
-                .ok()
-                .filter(|&i| i < rank)
-                .ok_or_else(|| {
-                    FfiError::invalid(format!(
-                        "attribute `{what}`: dimension {a} is out of range for rank {rank}"
-                    ))
-                })?;
-            if std::mem::replace(&mut seen[i], true) {
-                return Err(FfiError::invalid(format!(
-                    "attribute `{what}`: dimension {a} appears twice"
-                )));
-            }
-            Ok(i)
-        })
-        .collect()
-}
-
-/// Resolves the dimension numbers against the shapes; every mismatch is an error naming the
-/// attribute or operand.
-pub(crate) fn plan(
-    lhs_dims: &[i64],
-    rhs_dims: &[i64],
-    lhs_contracting: &[i64],
-    rhs_contracting: &[i64],
-    lhs_batching: &[i64],
-    rhs_batching: &[i64],
-) -> Result<Plan, FfiError> {
-    let (ld, rd) = (dims_usize(lhs_dims), dims_usize(rhs_dims));
-    let lc = check_axes("lhs_contracting_dims", lhs_contracting, ld.len())?;
-    let rc = check_axes("rhs_contracting_dims", rhs_contracting, rd.len())?;
-    let lb = check_axes("lhs_batching_dims", lhs_batching, ld.len())?;
-    let rb = check_axes("rhs_batching_dims", rhs_batching, rd.len())?;
-    if lc.len() != rc.len() {
-        return Err(FfiError::invalid(format!(
-            "lhs_contracting_dims {lhs_contracting:?} and rhs_contracting_dims \
-             {rhs_contracting:?} must have the same length"
-        )));
-    }
-    if lb.len() != rb.len() {
-        return Err(FfiError::invalid(format!(
-            "lhs_batching_dims {lhs_batching:?} and rhs_batching_dims {rhs_batching:?} must \
-             have the same length"
-        )));
-    }
-    if let Some(d) = lc.iter().find(|d| lb.contains(d)) {
-        return Err(FfiError::invalid(format!(
-            "lhs dimension {d} is both contracting and batching"
-        )));
-    }
-    if let Some(d) = rc.iter().find(|d| rb.contains(d)) {
-        return Err(FfiError::invalid(format!(
-            "rhs dimension {d} is both contracting and batching"
-        )));
-    }
-    for (kind, l, r) in [("contracting", &lc, &rc), ("batching", &lb, &rb)] {
-        for (&a, &b) in l.iter().zip(r.iter()) {
-            if ld[a] != rd[b] {
-                return Err(FfiError::invalid(format!(
-                    "{kind} dimension sizes differ: operand 0 (lhs) dim {a} has size {} but \
-                     operand 1 (rhs) dim {b} has size {} (lhs shape {lhs_dims:?}, rhs shape \
-                     {rhs_dims:?})",
-                    ld[a], rd[b]
-                )));
-            }
-        }
-    }
-    // The weights are used in place: batch dims must lead, contracting dims be contiguous.
-    if rb.iter().enumerate().any(|(i, &d)| d != i) {
-        return Err(FfiError::invalid(format!(
-            "operand 1 (rhs): batching dims must be the leading dims in order, got \
-             rhs_batching_dims {rhs_batching:?}"
-        )));
-    }
-    let mut rc_sorted = rc.clone();
-    rc_sorted.sort_unstable();
-    if rc_sorted.windows(2).any(|w| w[1] != w[0] + 1) {
-        return Err(FfiError::invalid(format!(
-            "operand 1 (rhs): contracting dims must be adjacent, got rhs_contracting_dims \
-             {rhs_contracting:?}"
-        )));
-    }
-    let nb = rb.len();
-    let k_start = rc_sorted.first().copied().unwrap_or(rd.len());
-    let k_end = k_start + rc_sorted.len();
-    let outer: usize = rd[nb..k_start].iter().product();
-    let inner: usize = rd[k_end..].iter().product();
-    let k: usize = rc_sorted.iter().map(|&d| rd[d]).product();
-    // Contract lhs in the weights' physical order.
-    let lhs_k_axes: Vec<usize> = rc_sorted
-        .iter()
-        .map(|d| lc[rc.iter().position(|x| x == d).unwrap_or(0)])
-        .collect();
-    let lhs_free: Vec<usize> = (0..ld.len())
-        .filter(|d| !lc.contains(d) && !lb.contains(d))
-        .collect();
-    let mut out_dims: Vec<i64> = lb.iter().map(|&d| ld[d] as i64).collect();
-    out_dims.extend(lhs_free.iter().map(|&d| ld[d] as i64));
-    out_dims.extend(
-        (nb..rd.len())
-            .filter(|d| !rc.contains(d))
-            .map(|d| rd[d] as i64),
-    );
-    let rhs_free = (nb..rd.len())
-        .filter(|d| !rc.contains(d))
-        .map(|d| (d, rd[d]))
-        .collect();
-    Ok(Plan {
-        rhs_free,
-        lhs_dims: ld,
-        batch_axes: lb,
-        row_axes: lhs_free,
-        k_axes: lhs_k_axes,
-        outer,
-        k,
-        inner,
-        out_dims,
-    })
 }
 
 /// One scale per output column (`[batch, n]`) from the per-channel operand: either already one
@@ -310,7 +134,7 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
             lhs.dtype().name()
         )));
     }
-    let plan = plan(
+    let plan = matmul_layout(
         lhs.dims(),
         rhs.dims(),
         &attrs.i64_array("lhs_contracting_dims")?,
@@ -321,7 +145,8 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         &attrs
             .opt_i64_array("rhs_batching_dims")?
             .unwrap_or_default(),
-    )?;
+    )
+    .map_err(FfiError::invalid)?;
     let a_scale = attrs
         .opt_f32("a_scale")?
         .map(|s| check_scale("a_scale", s))
@@ -453,6 +278,7 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::matmul_layout as plan;
 
     #[test]
     fn gemma_patterns_use_weights_in_place() {
@@ -510,25 +336,15 @@ mod tests {
     #[test]
     fn bad_dimension_numbers_are_named() {
         let e = plan(&[2, 8], &[9, 4], &[1], &[0], &[], &[]).unwrap_err();
-        assert!(
-            e.message.contains("contracting dimension sizes differ"),
-            "{}",
-            e.message
-        );
+        assert!(e.contains("contracting dimension sizes differ"), "{e}");
         let e = plan(&[2, 8], &[8, 4], &[2], &[0], &[], &[]).unwrap_err();
-        assert!(e
-            .message
-            .contains("`lhs_contracting_dims`: dimension 2 is out of range"));
+        assert!(e.contains("`lhs_contracting_dims`: dimension 2 is out of range"));
         let e = plan(&[2, 8], &[8, 4], &[1, 1], &[0, 1], &[], &[]).unwrap_err();
-        assert!(e.message.contains("appears twice"));
+        assert!(e.contains("appears twice"));
         let e = plan(&[2, 8, 3], &[8, 4, 3], &[1, 2], &[0, 2], &[], &[]).unwrap_err();
-        assert!(
-            e.message.contains("contracting dims must be adjacent"),
-            "{}",
-            e.message
-        );
+        assert!(e.contains("contracting dims must be adjacent"), "{e}");
         let e = plan(&[5, 3, 8], &[8, 5, 7], &[2], &[0], &[0], &[1]).unwrap_err();
-        assert!(e.message.contains("batching dims must be the leading dims"));
+        assert!(e.contains("batching dims must be the leading dims"));
     }
 
     #[test]

@@ -12,7 +12,6 @@ mod take;
 mod update_slice;
 
 pub use dot_f32::dot_f32;
-pub(crate) use dot_f32::{dot_plan, Side as DotSide};
 pub use elementwise::{dequantize, qdq, quantize};
 pub use matmul::matmul;
 pub use observer::observe;

@@ -24,7 +24,8 @@ use super::emit::set_props;
 use super::flow::walk_functions_mut;
 use super::ir::{ElementType, Module, Op};
 use super::loc_json;
-use crate::handlers::{dot_plan, DotSide};
+use super::pipeline::{Context, Pass};
+use crate::layout::{dot_f32_layout, DotSide};
 
 /// The target the products become.
 pub const TARGET: &str = "fp8xla_dot_f32";
@@ -32,6 +33,24 @@ pub const TARGET: &str = "fp8xla_dot_f32";
 const MAX_ROWS: i64 = 4;
 /// Least size of the large operand by default (option `decode_dots_min_bytes`).
 pub const MIN_STREAMED_BYTES: usize = 64 << 10;
+
+/// The pass `decode_dots` ([`decode_dots`]), run alone or by `quantize`.
+pub struct DecodeDots {
+    /// The least size of the large operand, in bytes.
+    pub min_bytes: usize,
+}
+
+impl<S> Pass<S> for DecodeDots {
+    fn name(&self) -> &'static str {
+        "decode_dots"
+    }
+
+    fn run(&self, cx: &mut Context, _: &mut S) -> Result<(), super::RewriteError> {
+        let report = decode_dots(&mut cx.module, &cx.aliases, self.min_bytes);
+        cx.handled.extend(report);
+        Ok(())
+    }
+}
 
 /// Rewrites every decode-shaped float32 product of the module; one report entry each.
 pub fn decode_dots(
@@ -99,7 +118,7 @@ fn decode_shaped(op: &Op, min_bytes: usize) -> Option<DotDims> {
     };
     let l = side(lhs, &dims.lhs_contracting, &dims.lhs_batching);
     let r = side(rhs, &dims.rhs_contracting, &dims.rhs_batching);
-    let plan = dot_plan(&l, &r).ok()?;
+    let plan = dot_f32_layout(&l, &r).ok()?;
     let streamed = if plan.lhs_streams { &l } else { &r };
     let bytes = streamed.dims.iter().product::<i64>() * 4;
     // A KN operand narrower than a vector would run on the kernels' scalar tails.

@@ -120,6 +120,20 @@ pub fn walk_functions_mut(module: &mut Module, f: &mut dyn FnMut(&str, &mut Op))
     }
 }
 
+/// The arguments of a function's entry block: type and location of each.
+pub fn func_args(func: &Op) -> Vec<(Type, Option<String>)> {
+    func.regions
+        .first()
+        .and_then(|r| r.blocks.first())
+        .map(|b| {
+            b.args
+                .iter()
+                .map(|a| (a.ty.clone(), a.loc.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The function op named `name`.
 pub fn find_func<'m>(module: &'m Module, name: &str) -> Option<&'m Op> {
     module

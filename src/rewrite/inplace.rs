@@ -21,9 +21,25 @@ use super::emit::set_props;
 use super::flow::walk_functions_mut;
 use super::ir::{ElementType, Module, Op, Type};
 use super::loc_json;
+use super::pipeline::{Context, Pass};
 
 /// The target the updates become.
 pub const TARGET: &str = "fp8xla_update_slice";
+
+/// The pass `update_slices_in_place` ([`update_slices_in_place`]), run alone or by `quantize`.
+pub struct UpdateSlicesInPlace;
+
+impl<S> Pass<S> for UpdateSlicesInPlace {
+    fn name(&self) -> &'static str {
+        "update_slices_in_place"
+    }
+
+    fn run(&self, cx: &mut Context, _: &mut S) -> Result<(), super::RewriteError> {
+        let report = update_slices_in_place(&mut cx.module, &cx.aliases);
+        cx.handled.extend(report);
+        Ok(())
+    }
+}
 
 /// Rewrites every in-loop update of a loop-carried value; returns one report entry per update.
 pub fn update_slices_in_place(

@@ -1,28 +1,52 @@
 //! The `instrument` pass: `fp8xla_observe` on the activation of every weight `dot_general`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
 use super::emit::{with_props, Names};
 use super::flow;
-use super::ir::{ElementType, Op, Type};
-use super::options::{arg_paths, check_keys, entry_name, index_list, parse_json};
-use super::{aliases, loc_json, parse_module, print_module, verify, RewriteError};
+use super::ir::{ElementType, Op};
+use super::loc_json;
+use super::options::{self, arg_paths, InstrumentJson};
+use super::pipeline::{self, Context, Pass};
+use super::RewriteError;
 
 /// Runs the pass; see the module documentation of [`super`] for the options and the table.
 pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, String), RewriteError> {
-    let m = parse_json(options_json)?;
-    check_keys(&m, &["entry", "weights", "args"], "the instrument options")?;
-    let entry = entry_name(&m)?;
-    let paths: HashMap<usize, String> = arg_paths(&m)?;
-    let listed = m.get("weights").is_some_and(|v| !v.is_null());
-    let weights = index_list(m.get("weights"), "`weights`")?;
-    let mut module = parse_module(module_text)?;
-    verify(&module)?;
-    let aliases = aliases(&module);
+    let opts: InstrumentJson = options::parse(options_json, "the instrument options")?;
+    let mut cx = Context::parse(module_text)?;
+    let mut table = Value::Null;
+    pipeline::run(&mut cx, &mut table, &[&Instrument(opts)])?;
+    Ok((
+        cx.print(),
+        serde_json::to_string_pretty(&table).unwrap_or_default(),
+    ))
+}
 
-    let func = flow::find_func(&module, &entry).ok_or_else(|| {
+/// The pass `instrument`; its state is the sites table.
+struct Instrument(InstrumentJson);
+
+impl Pass<Value> for Instrument {
+    fn name(&self) -> &'static str {
+        "instrument"
+    }
+
+    fn run(&self, cx: &mut Context, table: &mut Value) -> Result<(), RewriteError> {
+        *table = observe_sites(cx, &self.0)?;
+        Ok(())
+    }
+}
+
+/// Inserts the observers; returns the sites table.
+fn observe_sites(cx: &mut Context, opts: &InstrumentJson) -> Result<Value, RewriteError> {
+    let entry = opts.entry.clone().unwrap_or_else(|| "main".into());
+    let paths: BTreeMap<usize, String> = arg_paths(&opts.args);
+    let listed = opts.weights.is_some();
+    let weights = opts.weights.iter().flatten().map(|i| i.0);
+    let (module, aliases) = (&mut cx.module, &cx.aliases);
+
+    let func = flow::find_func(module, &entry).ok_or_else(|| {
         RewriteError::new(
             "instrument",
             module.top.pos,
@@ -30,17 +54,7 @@ pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, Stri
             "no such function",
         )
     })?;
-    let entry_args: Vec<(Type, Option<String>)> = func
-        .regions
-        .first()
-        .and_then(|r| r.blocks.first())
-        .map(|b| {
-            b.args
-                .iter()
-                .map(|a| (a.ty.clone(), a.loc.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let entry_args = flow::func_args(func);
     let mut args: BTreeMap<usize, Option<ElementType>> = BTreeMap::new();
     if listed {
         for w in weights {
@@ -56,9 +70,9 @@ pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, Stri
             }
         }
     }
-    let flow = flow::follow(&mut module, &entry, &args, "instrument")?;
-    let sites = flow::sites(&module, &flow)?;
-    let mut names = Names::new(&module);
+    let flow = flow::follow(module, &entry, &args, "instrument")?;
+    let sites = flow::sites(module, &flow)?;
+    let mut names = Names::new(module);
     let mut table = Vec::new();
     for s in &sites {
         let op = module.top.find(s.op).expect("site op exists").clone();
@@ -94,7 +108,7 @@ pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, Stri
         let arg_loc = entry_args
             .get(s.arg)
             .and_then(|(_, l)| l.clone())
-            .map(|l| loc_json(&Some(l), &aliases));
+            .map(|l| loc_json(&Some(l), aliases));
         let t = ty.as_tensor();
         table.push(json!({
             "site": s.site,
@@ -102,22 +116,17 @@ pub fn instrument(module_text: &str, options_json: &str) -> Result<(String, Stri
             "arg_name": arg_loc,
             "path": paths.get(&s.arg),
             "function": s.function,
-            "loc": loc_json(&op.loc, &aliases),
+            "loc": loc_json(&op.loc, aliases),
             "weight_operand": if s.weight_operand == 1 { "rhs" } else { "lhs" },
             "transposed_weight": s.transposed.is_some(),
             "activation_shape": t.and_then(|t| t.static_shape()),
             "activation_dtype": t.map(|t| t.element.to_string()),
         }));
     }
-    verify(&module)?;
-    let out = json!({
+    Ok(json!({
         "pass": "instrument",
         "entry": entry,
         "weights": args.keys().collect::<Vec<_>>(),
         "sites": Value::Array(table),
-    });
-    Ok((
-        print_module(&module),
-        serde_json::to_string_pretty(&out).unwrap_or_default(),
-    ))
+    }))
 }

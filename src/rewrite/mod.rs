@@ -1,4 +1,33 @@
-//! StableHLO graph rewrite: parser, printer and the `quantize` and `instrument` passes.
+//! StableHLO graph rewrite: parser, printer, and the passes, run as a pipeline.
+//!
+//! # Passes and the pipeline
+//!
+//! [`run_pass`] runs a pass by name ([`PASSES`]); `fp8xla_rewrite`, the `fp8xla-rewrite` tool
+//! and `fp8xla.graph.run_pass` go through it. Each takes the module text and JSON options and
+//! returns the rewritten module and a JSON report:
+//!
+//! | name | what it does | options |
+//! | --- | --- | --- |
+//! | `quantize` | FP8 weights: the pipeline below | see below |
+//! | `instrument` | `fp8xla_observe` on every weight matmul's activation | see below |
+//! | `update_slices_in_place` | loop-carried `dynamic_update_slice` → `fp8xla_update_slice` ([`inplace`]) | `{}` |
+//! | `decode_dots` | decode-shaped float32 `dot_general` → `fp8xla_dot_f32` ([`decode_dot`]) | `{"min_bytes": 65536}` (optional) |
+//!
+//! A run ([`pipeline`]) parses and verifies the module, then runs its passes in order, each a
+//! [`pipeline::Pass`], and [`verify`]s the module after each: a pass that leaves it
+//! inconsistent is named in the error (stage `verify`, "…after pass `quantize_gathers`…").
+//! `quantize` follows the weights (the step `follow_weights`) and then runs
+//! `quantize_dots`, `fold_transposes`, `quantize_gathers`, `dequantize_other_uses`,
+//! `update_slices_in_place` and `decode_dots` ([`quantize`] says what each does). The run
+//! alone of `update_slices_in_place` or `decode_dots` reports
+//! `{"pass": name, "handled": [...]}` (entries as in `quantize`'s report).
+//!
+//! Options are JSON objects read with serde (`options.rs`): unknown keys are refused, and each
+//! error names the key (e.g. `weights[0].w_scale`), what was expected and what came.
+//!
+//! The rules of the dot custom calls' dimension numbers live in [`crate::layout`], which both
+//! the handlers and the planners of `quantize_dots` and `decode_dots` use: the rewrite emits
+//! no call whose layout the handler would refuse.
 //!
 //! # Input form
 //!
@@ -48,11 +77,13 @@
 //! - `skip_args`: arguments left in float. They still count for site numbering, so sites agree
 //!   with `instrument` run with `weights` = the union of both lists.
 //! - `strict`: error instead of dequantizing a whole weight at a use the pass cannot keep FP8.
-//! - `update_slices_in_place` (default `true`): see [`inplace`] (KV-cache updates of a decode
-//!   loop become the in-place `fp8xla_update_slice`).
-//! - `decode_dots` (default `true`): see [`decode_dot`] (float32 products of a few rows with a
-//!   large operand, such as attention over the KV cache, become `fp8xla_dot_f32`);
-//!   `decode_dots_min_bytes` (default 65536): the least size of that large operand.
+//! - `update_slices_in_place` (default `true`): whether the pass `update_slices_in_place` runs
+//!   after the quantize passes (KV-cache updates of a decode loop become the in-place
+//!   `fp8xla_update_slice`).
+//! - `decode_dots` (default `true`): whether the pass `decode_dots` runs last (float32 products
+//!   of a few rows with a large operand, such as attention over the KV cache, become
+//!   `fp8xla_dot_f32`); `decode_dots_min_bytes` (default 65536): the least size of that large
+//!   operand.
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
 //!
 //! Sites are the `dot_general` ops with a weight operand, numbered in pre-order over the module
@@ -94,6 +125,8 @@
 //!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv", "arg",
 //!               "function", "loc",
 //!               "detail" | "reason"}],
+//!  (in this order: folded transposes, gathers, the weights' flow through loops, calls and
+//!   transposes, dequantized uses, in-place updates, decode dots)
 //!  "skipped": [{"arg" | "site", "reason", …}]}
 //! ```
 //!
@@ -109,7 +142,8 @@
 //! "activation_dtype"}]}`.
 //!
 //! Errors are [`RewriteError`]s naming the stage (`parser`, `options`, `quantize`,
-//! `instrument`, `verify`), line:column in the module, what was expected and what came.
+//! `instrument`, `verify`, `pass`), line:column in the module (in the options for `options`),
+//! what was expected and what came.
 
 #![forbid(unsafe_code)]
 
@@ -117,13 +151,16 @@ pub mod attr;
 pub mod decode_dot;
 pub mod emit;
 pub mod flow;
+mod gather;
 pub mod inplace;
 pub mod instrument;
 pub mod ir;
 mod options;
 pub mod parse;
+pub mod pipeline;
 pub mod print;
 pub mod quantize;
+mod registry;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -134,12 +171,14 @@ pub use ir::{Module, Pos};
 pub use parse::parse_module;
 pub use print::print_module;
 pub use quantize::quantize;
+pub use registry::{run_pass, PASSES};
 pub use verify::verify;
 
 /// An error of the parser, a pass or its options: where, what was expected, what came.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RewriteError {
-    /// `parser`, `options`, `quantize`, `instrument` or `verify`.
+    /// `parser`, `options`, `quantize`, `instrument`, `verify` (the input, or the module after
+    /// the pass named in `expected`) or `pass` (an unknown pass name).
     pub stage: &'static str,
     /// 1-based line in the module text (in the options for `options`; 0 when not about a place).
     pub line: usize,

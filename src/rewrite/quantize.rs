@@ -1,31 +1,37 @@
-//! The `quantize` pass: FP8 weight arguments, `dot_general` → `fp8xla_matmul`.
+//! The `quantize` passes: FP8 weight arguments, `dot_general` → `fp8xla_matmul`.
+//!
+//! A run follows the weights first (an analysis: it retypes the weight arguments and the loops
+//! and calls that carry them, and numbers the sites), then runs the passes
+//! - `quantize_dots`: each weight `dot_general` that `fp8xla_matmul` takes becomes one;
+//! - `fold_transposes`: a transpose of a weight feeding only rewritten dots is dropped (the
+//!   matmuls read the weight in its own layout);
+//! - `quantize_gathers`: embedding gathers take FP8 rows ([`super::gather`]);
+//! - `dequantize_other_uses`: any other use gets `convert` + `multiply` by the scale;
+//! - then, unless turned off, `update_slices_in_place` and `decode_dots`,
+//!
+//! verifying the module after each ([`super::pipeline`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::attr::{array_i64, fmt_f32, parse_array_i64, GatherDims};
-use super::decode_dot;
+use super::attr::{array_i64, fmt_f32, DotDims};
+use super::decode_dot::{self, DecodeDots};
 use super::emit::{with_props, Convert, Emitter, Names, Scale};
 use super::flow::{self, Flow, OtherUse, Site};
-use super::inplace;
+use super::gather::rewrite_gather;
+use super::inplace::UpdateSlicesInPlace;
 use super::ir::{Dim, ElementType, Module, Op, TensorType, Type};
-use super::options::{
-    arg_paths, as_index, as_scale, check_keys, entry_name, index_list, kind, opt_err, parse_json,
-};
-use super::{aliases, loc_json, parse_module, print_module, verify, RewriteError};
+use super::loc_json;
+use super::options::{self, arg_paths, opt_err, QuantizeJson, WeightSpec};
+use super::pipeline::{self, Context, Pass};
+use super::RewriteError;
 use crate::fp8::Format;
+use crate::layout;
 
-/// One weight to quantize.
-#[derive(Clone, Debug)]
-struct WeightSpec {
-    format: Format,
-    scale: Scale,
-    a_scale: Option<f32>,
-}
-
+/// The options of `quantize`, checked (see the [`super`] documentation).
 #[derive(Debug)]
-struct Options {
+pub(crate) struct Options {
     entry: String,
     weights: BTreeMap<usize, WeightSpec>,
     skip_args: BTreeSet<usize>,
@@ -35,145 +41,47 @@ struct Options {
     update_slices_in_place: bool,
     /// `Some(least streamed bytes)` when decode-shaped float32 dots are rewritten.
     decode_dots: Option<usize>,
-    paths: HashMap<usize, String>,
+    paths: BTreeMap<usize, String>,
 }
 
-fn parse_options(text: &str) -> Result<Options, RewriteError> {
-    let m = parse_json(text)?;
-    check_keys(
-        &m,
-        &[
-            "entry",
-            "weights",
-            "skip_args",
-            "skip_sites",
-            "a_scales",
-            "strict",
-            "update_slices_in_place",
-            "decode_dots",
-            "decode_dots_min_bytes",
-            "args",
-        ],
-        "the quantize options",
-    )?;
-    let mut weights = BTreeMap::new();
-    let list = match m.get("weights") {
-        Some(Value::Array(l)) => l,
-        Some(other) => return Err(opt_err("an array for `weights`", &kind(other))),
-        None => return Err(opt_err("a `weights` array", "no such key")),
-    };
-    for w in list {
-        let Value::Object(o) = w else {
-            return Err(opt_err("an object in `weights`", &kind(w)));
-        };
-        check_keys(
-            o,
-            &["arg", "format", "w_scale", "channel_dim", "a_scale"],
-            "a `weights` entry",
-        )?;
-        let arg = as_index(
-            o.get("arg")
-                .ok_or_else(|| opt_err("`arg` in each `weights` entry", "none"))?,
-            "`weights[].arg`",
-        )?;
-        let fname = o
-            .get("format")
-            .and_then(Value::as_str)
-            .ok_or_else(|| opt_err("a string `format` (\"e4m3fn\" or \"e5m2\")", "none"))?;
-        let format = Format::parse(fname)
-            .ok_or_else(|| opt_err("`format` \"e4m3fn\" or \"e5m2\"", &format!("{fname:?}")))?;
-        let what = format!("`w_scale` of argument {arg}");
-        let scale = match o.get("w_scale") {
-            Some(Value::Array(items)) => {
-                let scales = items
-                    .iter()
-                    .map(|s| as_scale(s, &what))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let dim = match o.get("channel_dim") {
-                    Some(d) => as_index(d, "`channel_dim`")?,
-                    None => {
-                        return Err(opt_err(
-                            &format!("`channel_dim` with the per-channel {what}"),
-                            "none",
-                        ))
-                    }
-                };
-                Scale::PerChannel { dim, scales }
-            }
-            Some(v) => Scale::PerTensor(as_scale(v, &what)?),
-            None => return Err(opt_err(&what, "none")),
-        };
-        let a_scale = match o.get("a_scale") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(as_scale(v, &format!("`a_scale` of argument {arg}"))?),
-        };
-        let spec = WeightSpec {
-            format,
-            scale,
-            a_scale,
-        };
-        if weights.insert(arg, spec).is_some() {
-            return Err(opt_err(
-                "each argument at most once in `weights`",
-                &format!("argument {arg} twice"),
-            ));
-        }
-    }
-    let mut a_scales = HashMap::new();
-    match m.get("a_scales") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(o)) => {
-            for (k, v) in o {
-                let site: usize = k
-                    .parse()
-                    .map_err(|_| opt_err("site numbers as keys of `a_scales`", k))?;
-                a_scales.insert(site, as_scale(v, &format!("`a_scales[{k}]`"))?);
+impl Options {
+    pub(crate) fn parse(text: &str) -> Result<Options, RewriteError> {
+        let json: QuantizeJson = options::parse(text, "the quantize options")?;
+        let mut weights = BTreeMap::new();
+        for w in &json.weights {
+            if weights.insert(w.arg.0, w.spec()?).is_some() {
+                return Err(opt_err(
+                    "each argument at most once in `weights`",
+                    &format!("argument {} twice", w.arg.0),
+                ));
             }
         }
-        Some(other) => return Err(opt_err("an object for `a_scales`", &kind(other))),
+        let indices = |list: &Option<Vec<options::Index>>| -> BTreeSet<usize> {
+            list.iter().flatten().map(|i| i.0).collect()
+        };
+        Ok(Options {
+            entry: json.entry.clone().unwrap_or_else(|| "main".into()),
+            weights,
+            skip_args: indices(&json.skip_args),
+            skip_sites: indices(&json.skip_sites),
+            a_scales: json
+                .a_scales
+                .iter()
+                .flatten()
+                .map(|(site, scale)| (site.0, scale.0))
+                .collect(),
+            strict: json.strict.unwrap_or(false),
+            update_slices_in_place: json.update_slices_in_place.unwrap_or(true),
+            decode_dots: json.decode_dots.unwrap_or(true).then_some(
+                json.decode_dots_min_bytes
+                    .map_or(decode_dot::MIN_STREAMED_BYTES, |b| b.0),
+            ),
+            paths: arg_paths(&json.args),
+        })
     }
-    let strict = match m.get("strict") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(opt_err("a boolean for `strict`", &kind(other))),
-    };
-    let update_slices_in_place = match m.get("update_slices_in_place") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(opt_err(
-                "a boolean for `update_slices_in_place`",
-                &kind(other),
-            ))
-        }
-    };
-    let decode_dots = match m.get("decode_dots") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(opt_err("a boolean for `decode_dots`", &kind(other))),
-    };
-    let decode_dots_min_bytes = match m.get("decode_dots_min_bytes") {
-        None | Some(Value::Null) => decode_dot::MIN_STREAMED_BYTES,
-        Some(v) => as_index(v, "`decode_dots_min_bytes`")?,
-    };
-    Ok(Options {
-        entry: entry_name(&m)?,
-        weights,
-        skip_args: index_list(m.get("skip_args"), "`skip_args`")?
-            .into_iter()
-            .collect(),
-        skip_sites: index_list(m.get("skip_sites"), "`skip_sites`")?
-            .into_iter()
-            .collect(),
-        a_scales,
-        strict,
-        update_slices_in_place,
-        decode_dots: decode_dots.then_some(decode_dots_min_bytes),
-        paths: arg_paths(&m)?,
-    })
 }
 
-fn fp8_element(f: Format) -> ElementType {
+pub(crate) fn fp8_element(f: Format) -> ElementType {
     match f {
         Format::E4m3fn => ElementType::F8E4M3FN,
         Format::E5m2 => ElementType::F8E5M2,
@@ -189,348 +97,485 @@ fn scale_json(s: &Scale) -> Value {
     }
 }
 
-/// Runs the pass; see the module documentation of [`super`] for the options and the report.
+/// Runs the `quantize` pipeline; see the module documentation of [`super`] for the options and
+/// the report.
 pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String), RewriteError> {
-    let opts = parse_options(options_json)?;
-    let mut module = parse_module(module_text)?;
-    verify(&module)?;
-    let aliases = aliases(&module);
-    let stage = "quantize";
+    let opts = Options::parse(options_json)?;
+    let mut cx = Context::parse(module_text)?;
+    let mut weights = Weights::follow(&mut cx, opts)?;
+    pipeline::check(&cx, "follow_weights")?;
+    let decode_dots = weights
+        .opts
+        .decode_dots
+        .map(|min_bytes| DecodeDots { min_bytes });
+    let mut passes: Vec<&dyn Pass<Weights>> = vec![
+        &QuantizeDots,
+        &FoldTransposes,
+        &QuantizeGathers,
+        &DequantizeOtherUses,
+    ];
+    if weights.opts.update_slices_in_place {
+        passes.push(&UpdateSlicesInPlace);
+    }
+    if let Some(pass) = &decode_dots {
+        passes.push(pass);
+    }
+    pipeline::run(&mut cx, &mut weights, &passes)?;
+    let report = weights.report(&cx);
+    Ok((
+        cx.print(),
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    ))
+}
 
-    // Original types of the weights, checked against the options.
-    let entry = flow::find_func(&module, &opts.entry).ok_or_else(|| {
-        RewriteError::new(
-            stage,
-            module.top.pos,
-            &format!("an entry function `@{}`", opts.entry),
-            "no such function",
-        )
-    })?;
-    let entry_args: Vec<(String, Type, Option<String>)> = entry
-        .regions
-        .first()
-        .and_then(|r| r.blocks.first())
-        .map(|b| {
-            b.args
-                .iter()
-                .map(|a| (a.name.clone(), a.ty.clone(), a.loc.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let entry_pos = entry.pos;
-    let mut original: HashMap<usize, TensorType> = HashMap::new();
-    let mut follow_args: BTreeMap<usize, Option<ElementType>> = BTreeMap::new();
-    let mut skipped = Vec::new();
-    for (&arg, spec) in &opts.weights {
-        let Some((_, ty, _)) = entry_args.get(arg) else {
-            return Err(RewriteError::new(
+/// What the `quantize` passes share: the options, the weights as followed, and their part of
+/// the report so far.
+pub struct Weights {
+    opts: Options,
+    /// The entry function's arguments: type (as given), location.
+    entry_args: Vec<(Type, Option<String>)>,
+    /// The original type of each weight.
+    original: HashMap<usize, TensorType>,
+    /// Every weight followed: its FP8 element type, `None` for those left float.
+    follow_args: BTreeMap<usize, Option<ElementType>>,
+    flow: Flow,
+    sites: Vec<Site>,
+    names: Names,
+    /// Uses to dequantize (`dequantize_other_uses`); the passes before add the uses they
+    /// cannot keep FP8.
+    other_uses: Vec<OtherUse>,
+    /// Transposes the rewritten dots no longer read (`fold_transposes` removes them).
+    folded: BTreeSet<u32>,
+    /// Report sections.
+    matmuls: Vec<Value>,
+    skipped: Vec<Value>,
+    transposes_folded: Vec<Value>,
+    gathers: Vec<Value>,
+    dequantized: Vec<Value>,
+}
+
+impl Weights {
+    fn quantized(&self, arg: usize) -> bool {
+        self.follow_args.get(&arg).is_some_and(|e| e.is_some())
+    }
+
+    /// Checks the options against the entry function, then follows the weights through the
+    /// module (retyping the quantized ones) and numbers the sites. Leaves every use of a
+    /// retyped weight that a pass still has to rewrite in `cx.pending`.
+    fn follow(cx: &mut Context, opts: Options) -> Result<Weights, RewriteError> {
+        let stage = "quantize";
+        let module = &mut cx.module;
+        let entry = flow::find_func(module, &opts.entry).ok_or_else(|| {
+            RewriteError::new(
                 stage,
-                entry_pos,
-                &format!(
-                    "a weight argument index below {} (the arguments of @{})",
-                    entry_args.len(),
-                    opts.entry
-                ),
-                &format!("argument {arg}"),
-            ));
-        };
-        let t = match ty.as_tensor() {
-            Some(t) if t.element.is_quantizable_float() => t.clone(),
-            _ => {
+                module.top.pos,
+                &format!("an entry function `@{}`", opts.entry),
+                "no such function",
+            )
+        })?;
+        let entry_args = flow::func_args(entry);
+        let entry_pos = entry.pos;
+        let mut original: HashMap<usize, TensorType> = HashMap::new();
+        let mut follow_args: BTreeMap<usize, Option<ElementType>> = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for (&arg, spec) in &opts.weights {
+            let Some((ty, _)) = entry_args.get(arg) else {
                 return Err(RewriteError::new(
                     stage,
                     entry_pos,
-                    &format!("argument {arg} of @{} to be a float tensor", opts.entry),
-                    &format!("`{ty}`"),
-                ))
-            }
-        };
-        if let Scale::PerChannel { dim, scales } = &spec.scale {
-            let n = match t.dims.get(*dim) {
-                Some(Dim::Static(n)) => *n as usize,
+                    &format!(
+                        "a weight argument index below {} (the arguments of @{})",
+                        entry_args.len(),
+                        opts.entry
+                    ),
+                    &format!("argument {arg}"),
+                ));
+            };
+            let t = match ty.as_tensor() {
+                Some(t) if t.element.is_quantizable_float() => t.clone(),
                 _ => {
-                    return Err(opt_err(
-                        &format!(
-                            "`channel_dim` of argument {arg} to be a static dimension of `{t}`"
-                        ),
-                        &format!("{dim}"),
+                    return Err(RewriteError::new(
+                        stage,
+                        entry_pos,
+                        &format!("argument {arg} of @{} to be a float tensor", opts.entry),
+                        &format!("`{ty}`"),
                     ))
                 }
             };
-            if n != scales.len() {
-                return Err(opt_err(
-                    &format!("{n} per-channel scales for argument {arg} (`{t}` dim {dim})"),
-                    &format!("{}", scales.len()),
-                ));
+            if let Scale::PerChannel { dim, scales } = &spec.scale {
+                let n = match t.dims.get(*dim) {
+                    Some(Dim::Static(n)) => *n as usize,
+                    _ => {
+                        return Err(opt_err(
+                            &format!(
+                                "`channel_dim` of argument {arg} to be a static dimension of `{t}`"
+                            ),
+                            &format!("{dim}"),
+                        ))
+                    }
+                };
+                if n != scales.len() {
+                    return Err(opt_err(
+                        &format!("{n} per-channel scales for argument {arg} (`{t}` dim {dim})"),
+                        &format!("{}", scales.len()),
+                    ));
+                }
+            }
+            original.insert(arg, t);
+            if opts.skip_args.contains(&arg) {
+                skipped.push(json!({"arg": arg, "reason": "listed in skip_args"}));
+                follow_args.insert(arg, None);
+            } else {
+                follow_args.insert(arg, Some(fp8_element(spec.format)));
             }
         }
-        original.insert(arg, t);
-        if opts.skip_args.contains(&arg) {
-            skipped.push(json!({"arg": arg, "reason": "listed in skip_args"}));
-            follow_args.insert(arg, None);
-        } else {
-            follow_args.insert(arg, Some(fp8_element(spec.format)));
-        }
-    }
-    for &arg in &opts.skip_args {
-        if !opts.weights.contains_key(&arg) {
-            if let Some((_, ty, _)) = entry_args.get(arg) {
-                if ty
-                    .as_tensor()
-                    .is_some_and(|t| t.element.is_quantizable_float())
-                {
-                    follow_args.insert(arg, None);
+        for &arg in &opts.skip_args {
+            if !opts.weights.contains_key(&arg) {
+                if let Some((ty, _)) = entry_args.get(arg) {
+                    if ty
+                        .as_tensor()
+                        .is_some_and(|t| t.element.is_quantizable_float())
+                    {
+                        follow_args.insert(arg, None);
+                    }
                 }
             }
         }
-    }
-    let quantized = |arg: usize| follow_args.get(&arg).is_some_and(|e| e.is_some());
-
-    let flow = flow::follow(&mut module, &opts.entry, &follow_args, stage)?;
-    let sites = flow::sites(&module, &flow)?;
-    let mut names = Names::new(&module);
-
-    // Decide each site.
-    let mut other_uses: Vec<OtherUse> = flow
-        .other_uses
-        .iter()
-        .filter(|u| quantized(u.arg))
-        .cloned()
-        .collect();
-    let mut site_skip: HashMap<usize, String> = HashMap::new();
-    for s in &sites {
-        if !quantized(s.arg) {
-            site_skip.insert(s.site, format!("argument {} is not quantized", s.arg));
-        } else if opts.skip_sites.contains(&s.site) {
-            site_skip.insert(s.site, "listed in skip_sites".into());
-        } else if let Err(why) = plan_dot(&module, s, &opts.weights[&s.arg], &original[&s.arg]) {
-            if opts.strict {
-                let op = module.top.find(s.op).expect("site op exists");
-                return Err(RewriteError::new(
-                    stage,
-                    op.pos,
-                    "a dot_general on a weight that fp8xla_matmul can take (strict)",
-                    &format!("site {} on argument {}: {why}", s.site, s.arg),
-                ));
-            }
-            site_skip.insert(s.site, why);
-        }
-    }
-    // A transpose shared with a skipped site stays, with its input dequantized.
-    let mut unfolded: HashSet<u32> = HashSet::new();
-    for s in &sites {
-        if let (Some(t), Some(_)) = (&s.transposed, site_skip.get(&s.site)) {
-            if quantized(s.arg) && unfolded.insert(t.op) {
-                other_uses.push(OtherUse {
-                    op: t.op,
-                    operand: 0,
-                    arg: s.arg,
-                    function: s.function.clone(),
-                    reason: format!("transpose feeding skipped site {}", s.site),
-                });
-            }
-        }
-    }
-    for s in &sites {
-        if let Some(t) = &s.transposed {
-            if unfolded.contains(&t.op) && !site_skip.contains_key(&s.site) {
-                site_skip.insert(
-                    s.site,
-                    "shares its transposed weight with a skipped site".to_string(),
-                );
-            }
-        }
-    }
-
-    let mut matmuls = Vec::new();
-    let mut handled = Vec::new();
-    let mut folded: HashSet<u32> = HashSet::new();
-    for s in &sites {
-        if let Some(why) = site_skip.get(&s.site) {
-            let op = module.top.find(s.op).expect("site op exists");
-            skipped.push(json!({
-                "site": s.site, "arg": s.arg, "function": s.function,
-                "loc": loc_json(&op.loc, &aliases), "reason": why,
-            }));
-            if quantized(s.arg) && s.transposed.is_none() {
-                other_uses.push(OtherUse {
-                    op: s.op,
-                    operand: s.weight_operand,
-                    arg: s.arg,
-                    function: s.function.clone(),
-                    reason: format!("skipped site {}", s.site),
-                });
-            }
-            continue;
-        }
-        let spec = &opts.weights[&s.arg];
-        let a_scale = opts.a_scales.get(&s.site).copied().or(spec.a_scale);
-        let mut em = Emitter {
-            module: &mut module,
-            names: &mut names,
+        let flow = flow::follow(module, &opts.entry, &follow_args, stage)?;
+        let sites = flow::sites(module, &flow)?;
+        let names = Names::new(module);
+        let weights = Weights {
+            opts,
+            entry_args,
+            original,
+            follow_args,
+            flow,
+            sites,
+            names,
+            other_uses: Vec::new(),
+            folded: BTreeSet::new(),
+            matmuls: Vec::new(),
+            skipped,
+            transposes_folded: Vec::new(),
+            gathers: Vec::new(),
+            dequantized: Vec::new(),
         };
-        let entry = rewrite_dot(&mut em, s, spec, &original[&s.arg], a_scale, &aliases)?;
-        matmuls.push(entry);
-        if let Some(lhs_arg) = s.both_weights {
-            if quantized(lhs_arg) {
-                other_uses.push(OtherUse {
-                    op: s.op,
-                    operand: 0,
-                    arg: lhs_arg,
-                    function: s.function.clone(),
-                    reason: "activation operand of an fp8xla_matmul is itself a weight".into(),
-                });
-            }
-        }
-        if let Some(t) = &s.transposed {
-            folded.insert(t.op);
-        }
-    }
-    for t in &folded {
-        let op = module.top.find(*t).expect("transpose exists");
-        handled.push(json!({
-            "kind": "transpose_folded", "function": function_of(&flow, *t),
-            "loc": loc_json(&op.loc, &aliases),
-            "detail": "tied-logits transpose folded into fp8xla_matmul on the untransposed weight",
-        }));
-        module.remove(*t);
+        cx.pending = weights.pending_uses(&cx.module);
+        Ok(weights)
     }
 
-    // Embedding gathers.
-    for (id, arg, func) in &flow.gathers {
-        if !quantized(*arg) {
-            continue;
+    /// The uses of retyped weights that still declare a float operand.
+    fn pending_uses(&self, module: &Module) -> HashSet<(u32, usize)> {
+        let mut pending = HashSet::new();
+        for f in module.functions() {
+            let Some(fname) = flow::func_name(f) else {
+                continue;
+            };
+            f.walk_nested(&mut |op| {
+                for (k, (value, ty)) in op.operands.iter().zip(&op.operand_types).enumerate() {
+                    let weight = self.flow.values.get(&(fname.clone(), value.clone()));
+                    if weight.is_some_and(|&arg| self.quantized(arg))
+                        && ty.as_tensor().is_some_and(|t| !t.element.is_fp8())
+                    {
+                        pending.insert((op.id, k));
+                    }
+                }
+            });
         }
-        let spec = &opts.weights[arg];
-        let mut em = Emitter {
-            module: &mut module,
-            names: &mut names,
-        };
-        let loc = em.module.top.find(*id).expect("gather exists").loc.clone();
-        match rewrite_gather(&mut em, *id, spec, &original[arg]) {
-            Ok(detail) => {
+        pending
+    }
+
+    /// The report of the run (the `handled` list: the quantize passes' entries and the
+    /// weights' flow, then those of the passes after them).
+    fn report(&self, cx: &Context) -> Value {
+        let aliases = &cx.aliases;
+        let mut handled = Vec::new();
+        handled.extend(self.transposes_folded.iter().cloned());
+        handled.extend(self.gathers.iter().cloned());
+        for e in &self.flow.events {
+            if self.quantized(e.arg) {
                 handled.push(json!({
-                    "kind": "gather", "arg": arg, "function": func,
-                    "loc": loc_json(&loc, &aliases), "detail": detail,
+                    "kind": e.kind, "arg": e.arg, "function": e.function,
+                    "loc": loc_json(&e.loc, aliases), "detail": e.detail,
                 }));
             }
-            Err(why) => other_uses.push(OtherUse {
-                op: *id,
-                operand: 0,
-                arg: *arg,
-                function: func.clone(),
-                reason: why,
-            }),
         }
+        handled.extend(self.dequantized.iter().cloned());
+        handled.extend(cx.handled.iter().cloned());
+        let weights: Vec<Value> = self
+            .opts
+            .weights
+            .iter()
+            .map(|(arg, spec)| {
+                let t = &self.original[arg];
+                let quantized = self.quantized(*arg);
+                let mut w = json!({
+                    "arg": arg,
+                    "name": self.entry_args.get(*arg).and_then(|a| a.1.clone()).map(|l| loc_json(&Some(l), aliases)),
+                    "path": self.opts.paths.get(arg),
+                    "format": spec.format.name(),
+                    "shape": t.static_shape(),
+                    "from": t.element.to_string(),
+                    "to": if quantized { fp8_element(spec.format).to_string() } else { t.element.to_string() },
+                    "quantized": quantized,
+                    "a_scale": spec.a_scale,
+                });
+                if let (Value::Object(m), Value::Object(s)) = (&mut w, scale_json(&spec.scale)) {
+                    m.extend(s);
+                }
+                w
+            })
+            .collect();
+        json!({
+            "pass": "quantize",
+            "entry": self.opts.entry,
+            "weights": weights,
+            "matmuls": self.matmuls,
+            "handled": handled,
+            "skipped": self.skipped,
+            "sites": self.sites.len(),
+        })
+    }
+}
+
+/// `quantize_dots`: decides each site, and rewrites those `fp8xla_matmul` takes.
+struct QuantizeDots;
+
+impl Pass<Weights> for QuantizeDots {
+    fn name(&self) -> &'static str {
+        "quantize_dots"
     }
 
-    for e in &flow.events {
-        if quantized(e.arg) {
-            handled.push(json!({
-                "kind": e.kind, "arg": e.arg, "function": e.function,
-                "loc": loc_json(&e.loc, &aliases), "detail": e.detail,
+    fn run(&self, cx: &mut Context, w: &mut Weights) -> Result<(), RewriteError> {
+        let mut site_skip: HashMap<usize, String> = HashMap::new();
+        for s in &w.sites {
+            if !w.quantized(s.arg) {
+                site_skip.insert(s.site, format!("argument {} is not quantized", s.arg));
+            } else if w.opts.skip_sites.contains(&s.site) {
+                site_skip.insert(s.site, "listed in skip_sites".into());
+            } else if let Err(why) =
+                plan_dot(&cx.module, s, &w.opts.weights[&s.arg], &w.original[&s.arg])
+            {
+                if w.opts.strict {
+                    let op = cx.module.top.find(s.op).expect("site op exists");
+                    return Err(RewriteError::new(
+                        "quantize",
+                        op.pos,
+                        "a dot_general on a weight that fp8xla_matmul can take (strict)",
+                        &format!("site {} on argument {}: {why}", s.site, s.arg),
+                    ));
+                }
+                site_skip.insert(s.site, why);
+            }
+        }
+        let mut other_uses: Vec<OtherUse> = w
+            .flow
+            .other_uses
+            .iter()
+            .filter(|u| w.quantized(u.arg))
+            .cloned()
+            .collect();
+        // A transpose shared with a skipped site stays, with its input dequantized.
+        let mut unfolded: HashSet<u32> = HashSet::new();
+        for s in &w.sites {
+            if let (Some(t), Some(_)) = (&s.transposed, site_skip.get(&s.site)) {
+                if w.quantized(s.arg) && unfolded.insert(t.op) {
+                    other_uses.push(OtherUse {
+                        op: t.op,
+                        operand: 0,
+                        arg: s.arg,
+                        function: s.function.clone(),
+                        reason: format!("transpose feeding skipped site {}", s.site),
+                    });
+                }
+            }
+        }
+        for s in &w.sites {
+            if let Some(t) = &s.transposed {
+                if unfolded.contains(&t.op) && !site_skip.contains_key(&s.site) {
+                    site_skip.insert(
+                        s.site,
+                        "shares its transposed weight with a skipped site".to_string(),
+                    );
+                }
+            }
+        }
+
+        for s in &w.sites {
+            if let Some(why) = site_skip.get(&s.site) {
+                let op = cx.module.top.find(s.op).expect("site op exists");
+                w.skipped.push(json!({
+                    "site": s.site, "arg": s.arg, "function": s.function,
+                    "loc": loc_json(&op.loc, &cx.aliases), "reason": why,
+                }));
+                if w.quantized(s.arg) && s.transposed.is_none() {
+                    other_uses.push(OtherUse {
+                        op: s.op,
+                        operand: s.weight_operand,
+                        arg: s.arg,
+                        function: s.function.clone(),
+                        reason: format!("skipped site {}", s.site),
+                    });
+                }
+                continue;
+            }
+            let spec = &w.opts.weights[&s.arg];
+            let a_scale = w.opts.a_scales.get(&s.site).copied().or(spec.a_scale);
+            let mut em = Emitter {
+                module: &mut cx.module,
+                names: &mut w.names,
+            };
+            let entry = rewrite_dot(&mut em, s, spec, &w.original[&s.arg], a_scale, &cx.aliases)?;
+            w.matmuls.push(entry);
+            if s.transposed.is_none() {
+                cx.pending.remove(&(s.op, s.weight_operand));
+            }
+            if let Some(lhs_arg) = s.both_weights {
+                if w.quantized(lhs_arg) {
+                    other_uses.push(OtherUse {
+                        op: s.op,
+                        operand: 0,
+                        arg: lhs_arg,
+                        function: s.function.clone(),
+                        reason: "activation operand of an fp8xla_matmul is itself a weight".into(),
+                    });
+                }
+            }
+            if let Some(t) = &s.transposed {
+                w.folded.insert(t.op);
+            }
+        }
+        w.other_uses = other_uses;
+        Ok(())
+    }
+}
+
+/// `fold_transposes`: removes the transposes of weights that only rewritten dots read.
+struct FoldTransposes;
+
+impl Pass<Weights> for FoldTransposes {
+    fn name(&self) -> &'static str {
+        "fold_transposes"
+    }
+
+    fn run(&self, cx: &mut Context, w: &mut Weights) -> Result<(), RewriteError> {
+        for &t in &w.folded {
+            let op = cx.module.top.find(t).expect("transpose exists");
+            w.transposes_folded.push(json!({
+                "kind": "transpose_folded", "function": function_of(&w.flow, t),
+                "loc": loc_json(&op.loc, &cx.aliases),
+                "detail": "tied-logits transpose folded into fp8xla_matmul on the untransposed weight",
+            }));
+            cx.module.remove(t);
+            cx.pending.remove(&(t, 0));
+        }
+        Ok(())
+    }
+}
+
+/// `quantize_gathers`: embedding gathers on a weight take its FP8 rows.
+struct QuantizeGathers;
+
+impl Pass<Weights> for QuantizeGathers {
+    fn name(&self) -> &'static str {
+        "quantize_gathers"
+    }
+
+    fn run(&self, cx: &mut Context, w: &mut Weights) -> Result<(), RewriteError> {
+        for (id, arg, func) in &w.flow.gathers {
+            if !w.quantized(*arg) {
+                continue;
+            }
+            let spec = &w.opts.weights[arg];
+            let mut em = Emitter {
+                module: &mut cx.module,
+                names: &mut w.names,
+            };
+            let loc = em.module.top.find(*id).expect("gather exists").loc.clone();
+            match rewrite_gather(&mut em, *id, spec, &w.original[arg]) {
+                Ok(detail) => {
+                    w.gathers.push(json!({
+                        "kind": "gather", "arg": arg, "function": func,
+                        "loc": loc_json(&loc, &cx.aliases), "detail": detail,
+                    }));
+                    cx.pending.remove(&(*id, 0));
+                }
+                Err(why) => w.other_uses.push(OtherUse {
+                    op: *id,
+                    operand: 0,
+                    arg: *arg,
+                    function: func.clone(),
+                    reason: why,
+                }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `dequantize_other_uses`: every use of a weight not yet rewritten gets `convert` +
+/// `multiply` by the scale (an error under `strict`).
+struct DequantizeOtherUses;
+
+impl Pass<Weights> for DequantizeOtherUses {
+    fn name(&self) -> &'static str {
+        "dequantize_other_uses"
+    }
+
+    fn run(&self, cx: &mut Context, w: &mut Weights) -> Result<(), RewriteError> {
+        let module = &mut cx.module;
+        for u in &w.other_uses {
+            let op = module.top.find(u.op).expect("use exists");
+            if w.opts.strict {
+                return Err(RewriteError::new(
+                    "quantize",
+                    op.pos,
+                    &format!(
+                        "only uses of weight argument {} that stay FP8 (dot_general, embedding \
+                         gather, while/call pass-through), as `strict` is set",
+                        u.arg
+                    ),
+                    &format!("`{}` ({})", op.name, u.reason),
+                ));
+            }
+            let spec = &w.opts.weights[&u.arg];
+            let t8 = w.original[&u.arg].with_element(fp8_element(spec.format));
+            let src = op.operands[u.operand].clone();
+            let (pos, loc, name) = (op.pos, op.loc.clone(), op.name.clone());
+            let out = w.names.fresh();
+            let channel = match &spec.scale {
+                Scale::PerChannel { dim, .. } => Some(*dim),
+                Scale::PerTensor(_) => None,
+            };
+            let mut em = Emitter {
+                module,
+                names: &mut w.names,
+            };
+            let ops = em.dequantize(
+                &src,
+                &t8,
+                &w.original[&u.arg].element,
+                &spec.scale,
+                channel,
+                &out,
+                pos,
+                &loc,
+                Convert::Plain,
+            );
+            module.insert_before(u.op, ops);
+            if let Some(op) = module.top.find_mut(u.op) {
+                op.operands[u.operand] = out;
+            }
+            cx.pending.remove(&(u.op, u.operand));
+            w.dequantized.push(json!({
+                "kind": "dequantize", "arg": u.arg, "function": u.function, "op": name,
+                "operand": u.operand, "loc": loc_json(&loc, &cx.aliases), "reason": u.reason,
             }));
         }
+        // Every use of a weight is rewritten now: from here on, verify is strict.
+        cx.pending.clear();
+        Ok(())
     }
-
-    // Everything else: dequantize at the use.
-    let mut dequantized = Vec::new();
-    for u in &other_uses {
-        let op = module.top.find(u.op).expect("use exists");
-        if opts.strict {
-            return Err(RewriteError::new(
-                stage,
-                op.pos,
-                &format!(
-                    "only uses of weight argument {} that stay FP8 (dot_general, embedding gather, \
-                     while/call pass-through), as `strict` is set",
-                    u.arg
-                ),
-                &format!("`{}` ({})", op.name, u.reason),
-            ));
-        }
-        let spec = &opts.weights[&u.arg];
-        let t8 = original[&u.arg].with_element(fp8_element(spec.format));
-        let src = op.operands[u.operand].clone();
-        let (pos, loc, name) = (op.pos, op.loc.clone(), op.name.clone());
-        let out = names.fresh();
-        let channel = match &spec.scale {
-            Scale::PerChannel { dim, .. } => Some(*dim),
-            Scale::PerTensor(_) => None,
-        };
-        let mut em = Emitter {
-            module: &mut module,
-            names: &mut names,
-        };
-        let ops = em.dequantize(
-            &src,
-            &t8,
-            &original[&u.arg].element,
-            &spec.scale,
-            channel,
-            &out,
-            pos,
-            &loc,
-            Convert::Plain,
-        );
-        module.insert_before(u.op, ops);
-        if let Some(op) = module.top.find_mut(u.op) {
-            op.operands[u.operand] = out;
-        }
-        dequantized.push(json!({
-            "kind": "dequantize", "arg": u.arg, "function": u.function, "op": name,
-            "operand": u.operand, "loc": loc_json(&loc, &aliases), "reason": u.reason,
-        }));
-    }
-    handled.extend(dequantized);
-    if opts.update_slices_in_place {
-        handled.extend(inplace::update_slices_in_place(&mut module, &aliases));
-    }
-    if let Some(min_bytes) = opts.decode_dots {
-        handled.extend(decode_dot::decode_dots(&mut module, &aliases, min_bytes));
-    }
-
-    verify(&module).map_err(|e| RewriteError {
-        stage: "quantize",
-        expected: format!("a consistently typed result module ({})", e.expected),
-        ..e
-    })?;
-
-    let weights: Vec<Value> = opts
-        .weights
-        .iter()
-        .map(|(arg, spec)| {
-            let t = &original[arg];
-            let mut w = json!({
-                "arg": arg,
-                "name": entry_args.get(*arg).and_then(|a| a.2.clone()).map(|l| loc_json(&Some(l), &aliases)),
-                "path": opts.paths.get(arg),
-                "format": spec.format.name(),
-                "shape": t.static_shape(),
-                "from": t.element.to_string(),
-                "to": if quantized(*arg) { fp8_element(spec.format).to_string() } else { t.element.to_string() },
-                "quantized": quantized(*arg),
-                "a_scale": spec.a_scale,
-            });
-            if let (Value::Object(m), Value::Object(s)) = (&mut w, scale_json(&spec.scale)) {
-                m.extend(s);
-            }
-            w
-        })
-        .collect();
-    let report = json!({
-        "pass": "quantize",
-        "entry": opts.entry,
-        "weights": weights,
-        "matmuls": matmuls,
-        "handled": handled,
-        "skipped": skipped,
-        "sites": sites.len(),
-    });
-    Ok((
-        print_module(&module),
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    ))
 }
 
 fn function_of(flow: &Flow, transpose: u32) -> Option<String> {
@@ -553,16 +598,40 @@ struct Plan {
 
 fn plan_dot(module: &Module, s: &Site, spec: &WeightSpec, w: &TensorType) -> Result<Plan, String> {
     let op = module.top.find(s.op).ok_or("dot vanished")?;
-    let d = &s.dims;
-    let w_rank = w.rank();
-    let activation = 1 - s.weight_operand;
-    let act_rank = op
-        .operand_types
-        .get(activation)
-        .and_then(Type::as_tensor)
-        .map(TensorType::rank)
+    let rank = |t: Option<&Type>| t.and_then(Type::as_tensor).map(TensorType::rank);
+    let act_rank = rank(op.operand_types.get(1 - s.weight_operand))
         .ok_or("activation operand is not a ranked tensor")?;
-    let (act_c, act_b, w_c_op, w_b_op) = if s.weight_operand == 1 {
+    let out_rank = rank(op.result_types.first()).ok_or("result is not a ranked tensor")?;
+    let channel_dim = match &spec.scale {
+        Scale::PerChannel { dim, .. } => Some(*dim),
+        Scale::PerTensor(_) => None,
+    };
+    plan_matmul(
+        &s.dims,
+        s.weight_operand,
+        act_rank,
+        w.rank(),
+        s.transposed.as_ref().map(|t| t.perm.as_slice()),
+        channel_dim,
+        out_rank,
+    )
+}
+
+/// Plans the `fp8xla_matmul` for a `dot_general` of ranks `act_rank` (the activation) and
+/// `w_rank` (the weight, operand `weight_operand`, seen through the transpose `perm` if any),
+/// with a result of rank `out_rank`; the reason when the call cannot take it, its layout rules
+/// ([`layout::matmul_axes`]) included.
+fn plan_matmul(
+    d: &DotDims,
+    weight_operand: usize,
+    act_rank: usize,
+    w_rank: usize,
+    perm: Option<&[i64]>,
+    channel_dim: Option<usize>,
+    out_rank: usize,
+) -> Result<Plan, String> {
+    let activation = 1 - weight_operand;
+    let (act_c, act_b, w_c_op, w_b_op) = if weight_operand == 1 {
         (
             &d.lhs_contracting,
             &d.lhs_batching,
@@ -577,8 +646,8 @@ fn plan_dot(module: &Module, s: &Site, spec: &WeightSpec, w: &TensorType) -> Res
             &d.lhs_batching,
         )
     };
-    let perm: Vec<i64> = match &s.transposed {
-        Some(t) => t.perm.clone(),
+    let perm: Vec<i64> = match perm {
+        Some(p) => p.to_vec(),
         None => (0..w_rank as i64).collect(),
     };
     let mut sorted = perm.clone();
@@ -605,13 +674,16 @@ fn plan_dot(module: &Module, s: &Site, spec: &WeightSpec, w: &TensorType) -> Res
     let f_w: Vec<i64> = map(&w_free_op);
     let mut f_sorted = f_w.clone();
     f_sorted.sort_unstable();
-    if let Scale::PerChannel { dim, .. } = &spec.scale {
-        if !f_w.contains(&(*dim as i64)) {
+    if let Some(dim) = channel_dim {
+        if !f_w.contains(&(dim as i64)) {
             return Err(format!(
                 "per-channel dim {dim} of the weight is contracted or batched at this dot"
             ));
         }
     }
+    // What the handler will check on every call, checked here once.
+    layout::matmul_axes(act_rank, w_rank, act_c, &w_c, act_b, &w_b)
+        .map_err(|e| format!("fp8xla_matmul refuses this layout: {e}"))?;
     let nb = act_b.len();
     let na = act_rank - act_c.len() - act_b.len();
     let mut out_perm: Vec<usize> = (0..nb).collect();
@@ -620,19 +692,13 @@ fn plan_dot(module: &Module, s: &Site, spec: &WeightSpec, w: &TensorType) -> Res
         .iter()
         .map(|x| nb + na + f_sorted.iter().position(|y| y == x).unwrap_or(0))
         .collect();
-    if s.weight_operand == 1 {
+    if weight_operand == 1 {
         out_perm.extend(act_out);
         out_perm.extend(w_out);
     } else {
         out_perm.extend(w_out);
         out_perm.extend(act_out);
     }
-    let out_rank = op
-        .result_types
-        .first()
-        .and_then(Type::as_tensor)
-        .map(TensorType::rank)
-        .ok_or("result is not a ranked tensor")?;
     if out_rank != out_perm.len() {
         return Err(format!(
             "result rank {out_rank} does not match the dimension numbers ({})",
@@ -774,224 +840,165 @@ fn rewrite_dot(
     }))
 }
 
-/// Whether a gather takes whole rows of dim 0 (an embedding lookup: `table[indices]`, the
-/// indices being operand 1, of type s32|s64).
-fn is_row_take(op: &Op, w: &TensorType) -> bool {
-    row_take(op, w).is_some()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
-fn row_take(op: &Op, w: &TensorType) -> Option<()> {
-    let g = op.prop("dimension_numbers").and_then(GatherDims::parse)?;
-    let sizes = op.prop("slice_sizes").and_then(parse_array_i64)?;
-    let idx = op.operand_types.get(1)?.as_tensor()?;
-    if !matches!(
-        idx.element,
-        ElementType::Int {
-            width: 32 | 64,
-            unsigned: false
-        }
-    ) {
-        return None;
+    /// A `dot_general` of an activation with a weight (operand `weight_operand`, seen through
+    /// the transpose `perm`): dimension numbers and shapes.
+    #[derive(Debug, Clone)]
+    struct Dot {
+        dims: DotDims,
+        weight_operand: usize,
+        act_shape: Vec<i64>,
+        /// The weight as stored (before the transpose).
+        w_shape: Vec<i64>,
+        perm: Option<Vec<i64>>,
     }
-    let idx_rank = idx.rank() as i64;
-    let batch_rank = match g.index_vector_dim {
-        Some(d) if d == idx_rank => idx_rank,
-        Some(d) if d == idx_rank - 1 && matches!(idx.dims.last(), Some(Dim::Static(1))) => d,
-        _ => return None,
-    };
-    let full_rows = w.dims.iter().enumerate().all(|(d, n)| match (d, n) {
-        (0, _) => sizes.first() == Some(&1),
-        (d, Dim::Static(n)) => sizes.get(d) == Some(&(*n as i64)),
-        (_, Dim::Dynamic) => false,
-    });
-    let trailing: Vec<i64> = (batch_rank..batch_rank + w.rank() as i64 - 1).collect();
-    let plain = g.collapsed_slice_dims == [0]
-        && g.start_index_map == [0]
-        && g.operand_batching_dims.is_empty()
-        && g.start_indices_batching_dims.is_empty()
-        && g.offset_dims == trailing
-        && sizes.len() == w.rank();
-    (plain && full_rows).then_some(())
-}
 
-/// Replaces a row gather on a per-tensor FP8 table with `fp8xla_take`.
-fn take_rows(em: &mut Emitter, op: &Op, out: &TensorType, e8: &ElementType, scale: f32) -> String {
-    let take_element = match out.element {
-        ElementType::F32 | ElementType::Bf16 => out.element.clone(),
-        _ => ElementType::F32,
-    };
-    let take_ty = out.with_element(take_element.clone());
-    let orig_name = op.results[0].name.clone();
-    let taken = if take_element == out.element {
-        orig_name.clone()
-    } else {
-        em.names.fresh()
-    };
-    let mut table_ty = op.operand_types[0].clone();
-    if let Type::Tensor(t) = &mut table_ty {
-        t.element = e8.clone();
+    /// Activation and weight of rank 1 to 4; a few dims paired as batching, a few as
+    /// contracting, in any order on either side; sizes 1 to 3 (equal within a pair).
+    fn dots() -> impl Strategy<Value = Dot> {
+        (1usize..=4, 1usize..=4)
+            .prop_flat_map(|(act_rank, w_rank)| {
+                let paired = act_rank.min(w_rank);
+                (
+                    Just((0..act_rank as i64).collect::<Vec<_>>()).prop_shuffle(),
+                    Just((0..w_rank as i64).collect::<Vec<_>>()).prop_shuffle(),
+                    0..=paired,
+                    0..=paired,
+                    proptest::collection::vec(1i64..=3, w_rank),
+                    proptest::collection::vec(1i64..=3, act_rank),
+                    proptest::option::of(
+                        Just((0..w_rank as i64).collect::<Vec<_>>()).prop_shuffle(),
+                    ),
+                    0usize..=1,
+                )
+            })
+            .prop_map(
+                |(act_order, w_order, nb, nc, w_shape, mut act_shape, perm, weight_operand)| {
+                    let paired = act_order.len().min(w_order.len());
+                    let nb = nb.min(paired);
+                    let nc = nc.min(paired - nb);
+                    let (act_b, act_c) =
+                        (act_order[..nb].to_vec(), act_order[nb..nb + nc].to_vec());
+                    let (w_b, w_c) = (w_order[..nb].to_vec(), w_order[nb..nb + nc].to_vec());
+                    // The weight operand's dim i is stored dim perm[i].
+                    let stored = |i: i64| perm.as_ref().map_or(i, |p| p[i as usize]);
+                    for (&a, &w) in act_b.iter().chain(&act_c).zip(w_b.iter().chain(&w_c)) {
+                        act_shape[a as usize] = w_shape[stored(w) as usize];
+                    }
+                    let dims = if weight_operand == 1 {
+                        DotDims {
+                            lhs_batching: act_b,
+                            rhs_batching: w_b,
+                            lhs_contracting: act_c,
+                            rhs_contracting: w_c,
+                        }
+                    } else {
+                        DotDims {
+                            lhs_batching: w_b,
+                            rhs_batching: act_b,
+                            lhs_contracting: w_c,
+                            rhs_contracting: act_c,
+                        }
+                    };
+                    Dot {
+                        dims,
+                        weight_operand,
+                        act_shape,
+                        w_shape,
+                        perm,
+                    }
+                },
+            )
     }
-    let call = Op::simple(
-        em.id(),
-        op.pos,
-        Some(&taken),
-        "stablehlo.custom_call",
-        vec![op.operands[0].clone(), op.operands[1].clone()],
-        vec![table_ty, op.operand_types[1].clone()],
-        vec![Type::Tensor(take_ty.clone())],
-        op.loc.clone(),
-    );
-    let mut ops = vec![with_props(
-        call,
-        vec![
-            ("api_version", "4 : i32".into()),
-            (
-                "backend_config",
-                format!("{{scale = {} : f32}}", fmt_f32(scale)),
-            ),
-            ("call_target_name", "\"fp8xla_take\"".into()),
-        ],
-    )];
-    if taken != orig_name {
-        ops.push(Op::simple(
-            em.id(),
-            op.pos,
-            Some(&orig_name),
-            "stablehlo.convert",
-            vec![taken],
-            vec![Type::Tensor(take_ty)],
-            vec![Type::Tensor(out.clone())],
-            op.loc.clone(),
-        ));
-    }
-    em.module.insert_before(op.id, ops);
-    em.module.remove(op.id);
-    format!("fp8xla_take: dequantizes only the {e8} rows it takes (per-tensor)")
-}
 
-/// Gathers FP8 rows, then dequantizes only those rows.
-fn rewrite_gather(
-    em: &mut Emitter,
-    id: u32,
-    spec: &WeightSpec,
-    w: &TensorType,
-) -> Result<String, String> {
-    let op = em.module.top.find(id).ok_or("gather vanished")?.clone();
-    let out = op
-        .result_types
-        .first()
-        .and_then(Type::as_tensor)
-        .filter(|_| op.results.len() == 1 && op.results[0].count == 1)
-        .ok_or("gather result is not one ranked tensor")?
-        .clone();
-    let channel = match &spec.scale {
-        Scale::PerTensor(_) => None,
-        Scale::PerChannel { dim, .. } => {
-            let g = op
-                .prop("dimension_numbers")
-                .and_then(GatherDims::parse)
-                .ok_or("gather without readable dimension numbers")?;
-            let sizes = op
-                .prop("slice_sizes")
-                .and_then(parse_array_i64)
-                .ok_or("gather without slice_sizes")?;
-            let d = *dim as i64;
-            if g.collapsed_slice_dims.contains(&d) || g.operand_batching_dims.contains(&d) {
-                return Err(format!("per-channel dim {dim} is collapsed by the gather"));
-            }
-            if sizes.get(*dim).copied()
-                != w.dims.get(*dim).map(|x| match x {
-                    Dim::Static(n) => *n as i64,
-                    Dim::Dynamic => -1,
-                })
-            {
-                return Err(format!("the gather slices per-channel dim {dim}"));
-            }
-            let kept: Vec<i64> = (0..w.rank() as i64)
-                .filter(|x| {
-                    !g.collapsed_slice_dims.contains(x) && !g.operand_batching_dims.contains(x)
-                })
-                .collect();
-            let rank = kept
-                .iter()
-                .position(|&x| x == d)
-                .ok_or("channel dim not kept")?;
-            let mut offs = g.offset_dims.clone();
-            offs.sort_unstable();
-            Some(*offs.get(rank).ok_or("offset_dims too short")? as usize)
-        }
-    };
-    let e8 = fp8_element(spec.format);
-    if let (Scale::PerTensor(scale), true) = (&spec.scale, is_row_take(&op, w)) {
-        return Ok(take_rows(em, &op, &out, &e8, *scale));
-    }
-    // XLA's CPU backend has no FP8 gather: it converts the whole table to f16 (and hoists
-    // that out of the decode loop). This gather runs on the bytes instead, bitcast to ui8
-    // and back; XLA still copies the table for the bitcast, once per call of the module.
-    let u8 = ElementType::Int {
-        width: 8,
-        unsigned: true,
-    };
-    let table = op
-        .operands
-        .first()
-        .ok_or("gather without operands")?
-        .clone();
-    let table_ty = op
-        .operand_types
-        .first()
-        .and_then(Type::as_tensor)
-        .ok_or("gather operand is not a ranked tensor")?
-        .with_element(e8.clone());
-    let table_u8 = em.names.fresh();
-    let to_bytes = Op::simple(
-        em.id(),
-        op.pos,
-        Some(&table_u8),
-        "stablehlo.bitcast_convert",
-        vec![table],
-        vec![Type::Tensor(table_ty.clone())],
-        vec![Type::Tensor(table_ty.with_element(u8.clone()))],
-        op.loc.clone(),
-    );
-    let rows_u8 = em.names.fresh();
-    let rows = em.names.fresh();
-    let orig_name = op.results[0].name.clone();
-    let rows_ty = out.with_element(e8.clone());
-    let mut ops = vec![Op::simple(
-        em.id(),
-        op.pos,
-        Some(&rows),
-        "stablehlo.bitcast_convert",
-        vec![rows_u8.clone()],
-        vec![Type::Tensor(rows_ty.with_element(u8.clone()))],
-        vec![Type::Tensor(rows_ty.clone())],
-        op.loc.clone(),
-    )];
-    ops.extend(em.dequantize(
-        &rows,
-        &rows_ty,
-        &out.element,
-        &spec.scale,
-        channel,
-        &orig_name,
-        op.pos,
-        &op.loc,
-        Convert::Opaque,
-    ));
-    let g = em.module.top.find_mut(id).ok_or("gather vanished")?;
-    g.results[0].name = rows_u8;
-    g.operands[0] = table_u8;
-    g.operand_types[0] = Type::Tensor(table_ty.with_element(u8.clone()));
-    g.result_types[0] = Type::Tensor(rows_ty.with_element(u8));
-    em.module.insert_after(id, ops);
-    em.module.insert_before(id, vec![to_bytes]);
-    Ok(format!(
-        "gathers {e8} rows (as bytes), dequantizes only the gathered rows ({})",
-        if channel.is_some() {
-            "per-channel"
+    /// The dot's result shape, as `stablehlo.dot_general` defines it: batch dims, lhs free
+    /// dims, rhs free dims.
+    fn result_shape(d: &Dot) -> Vec<i64> {
+        let w_operand_shape: Vec<i64> = match &d.perm {
+            Some(p) => p.iter().map(|&i| d.w_shape[i as usize]).collect(),
+            None => d.w_shape.clone(),
+        };
+        let (lhs, rhs) = if d.weight_operand == 1 {
+            (&d.act_shape, &w_operand_shape)
         } else {
-            "per-tensor"
+            (&w_operand_shape, &d.act_shape)
+        };
+        let free = |shape: &[i64], c: &[i64], b: &[i64]| -> Vec<i64> {
+            (0..shape.len() as i64)
+                .filter(|x| !c.contains(x) && !b.contains(x))
+                .map(|x| shape[x as usize])
+                .collect()
+        };
+        let t = &d.dims;
+        let mut out: Vec<i64> = t.lhs_batching.iter().map(|&x| lhs[x as usize]).collect();
+        out.extend(free(lhs, &t.lhs_contracting, &t.lhs_batching));
+        out.extend(free(rhs, &t.rhs_contracting, &t.rhs_batching));
+        out
+    }
+
+    /// The call's dimension numbers on the stored weight: the activation's, and the weight
+    /// operand's mapped through the transpose.
+    fn call_dims(d: &Dot) -> [Vec<i64>; 4] {
+        let t = &d.dims;
+        let (act_c, act_b, w_c, w_b) = if d.weight_operand == 1 {
+            (
+                &t.lhs_contracting,
+                &t.lhs_batching,
+                &t.rhs_contracting,
+                &t.rhs_batching,
+            )
+        } else {
+            (
+                &t.rhs_contracting,
+                &t.rhs_batching,
+                &t.lhs_contracting,
+                &t.lhs_batching,
+            )
+        };
+        let stored = |v: &Vec<i64>| -> Vec<i64> {
+            v.iter()
+                .map(|&i| d.perm.as_ref().map_or(i, |p| p[i as usize]))
+                .collect()
+        };
+        [act_c.clone(), stored(w_c), act_b.clone(), stored(w_b)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Every layout the planner emits, `fp8xla_matmul` accepts (with the result the dot
+        /// had, once transposed back), and every one it accepts, the planner emits.
+        #[test]
+        fn planner_and_matmul_handler_agree(d in dots()) {
+            let out = result_shape(&d);
+            let planned = plan_matmul(
+                &d.dims,
+                d.weight_operand,
+                d.act_shape.len(),
+                d.w_shape.len(),
+                d.perm.as_deref(),
+                None,
+                out.len(),
+            );
+            let [c_act, c_w, b_act, b_w] = call_dims(&d);
+            let handler = layout::matmul_layout(&d.act_shape, &d.w_shape, &c_act, &c_w, &b_act, &b_w);
+            match (&planned, &handler) {
+                (Ok(p), Ok(h)) => {
+                    prop_assert_eq!(
+                        [&p.lhs_contracting, &p.rhs_contracting, &p.lhs_batching, &p.rhs_batching],
+                        [&c_act, &c_w, &b_act, &b_w]
+                    );
+                    for (dim, &size) in out.iter().enumerate() {
+                        prop_assert_eq!(h.out_dims[p.out_perm[dim]], size);
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (p, h) => prop_assert!(false, "planner {:?} but handler {:?}", p.as_ref().err(), h.as_ref().err()),
+            }
         }
-    ))
+    }
 }
