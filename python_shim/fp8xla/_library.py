@@ -55,8 +55,8 @@ def read_targets(lib: ctypes.CDLL, path: str) -> tuple[str, ...]:
     except AttributeError:
         raise ImportError(
             f"fp8xla: the library {path} does not export fp8xla_targets(); it is older than "
-            "this package: rebuild it (`pip install .` from the repository root) or point FP8XLA_LIBRARY "
-            "at a current build") from None
+            "this package: rebuild it (`pip install .` from the repository root) or point "
+            "FP8XLA_LIBRARY at a current build") from None
     fn.restype = ctypes.c_char_p
     fn.argtypes = []
     names = tuple(fn().decode().splitlines())
