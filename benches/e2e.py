@@ -139,8 +139,10 @@ def _cpu_busy_seconds():
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait, and
+    # steal, which is time the hypervisor gave to other machines, not to processes here.
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:7]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +189,10 @@ class _Repetitions:
             return
         entry["load_average"] = {"before": self.before, "after": self.after}
         if self.complete and self.wall > 0:
-            entry["other_cpu"] = self.other / (self.wall * (os.cpu_count() or 1))
+            # /proc/stat and /proc/PID/stat count in clock ticks read at slightly different
+            # moments, so short repetitions on a loaded machine can add up to more than every
+            # core; the share is at most all of them.
+            entry["other_cpu"] = min(1.0, self.other / (self.wall * (os.cpu_count() or 1)))
 
 
 def run_contenders(contenders, settings, work_root, progress, timeout) -> list:

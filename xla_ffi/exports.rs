@@ -113,7 +113,7 @@ pub extern "C" fn fp8xla_isa_level() -> i32 {
     crate::cpu::Isa::detect() as i32
 }
 
-/// Runs a graph-rewrite pass (`"quantize"` or `"instrument"`) over StableHLO text.
+/// Runs a graph-rewrite pass by name (one of `crate::rewrite::PASSES`) over StableHLO text.
 ///
 /// On success returns 0 and sets `*out_module` (the rewritten module) and `*out_report` (a
 /// JSON report); on failure returns 1 (the pass refused: malformed IR, bad options) or 2 (bad
