@@ -115,7 +115,8 @@ def machine_info() -> dict:
     try:  # the kernels fp8xla dispatches to (loads the library; no model)
         import fp8xla
 
-        info["fp8xla_kernels"] = fp8xla.isa()
+        kern = fp8xla.info()
+        info["fp8xla_kernels"] = f"{kern['isa']} ({kern['kernels']})"
     except Exception as e:  # reported, not fatal: the workers will fail with the details
         info["fp8xla_kernels"] = f"unavailable ({e})"
     return info

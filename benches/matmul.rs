@@ -12,7 +12,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fp8xla::cpu::Isa;
 use fp8xla::fp8::Format;
-use fp8xla::kernels::{fp8_matmul_with, Fp8Weights, WeightScale};
+use fp8xla::kernels::{fp8_matmul_with, Fp8Weights, Lhs, WeightScale};
 use fp8xla::parallel::{split_range, Parallel, ScopedThreads, Serial};
 use std::hint::black_box;
 
@@ -88,7 +88,7 @@ fn matmul(c: &mut Criterion) {
                             fp8_matmul_with(
                                 isa,
                                 par.as_ref(),
-                                black_box(&lhs),
+                                Lhs::f32(black_box(&lhs)),
                                 m,
                                 &w,
                                 WeightScale::PerTensor(0.5),

@@ -53,8 +53,12 @@ int32_t fp8xla_rewrite(const char* pass, const char* module, const char* options
 /* Frees a string returned by fp8xla_rewrite (NULL is ignored). */
 void fp8xla_free_string(char* s);
 
-/* Instruction set the kernels use on this CPU: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512. */
+/* Instruction set the kernels use on this CPU: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512, 3 AMX. */
 int32_t fp8xla_isa_level(void);
+
+/* What the kernels run on this machine and why, as one JSON object (keys "isa", "supported",
+   "why", "kernels", "levels"): a static string owned by the library, not to be freed. */
+const char *fp8xla_kernel_info(void);
 
 #ifdef __cplusplus
 }

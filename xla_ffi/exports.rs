@@ -107,10 +107,20 @@ pub extern "C" fn fp8xla_observer_reset() {
     handlers::observer::reset();
 }
 
-/// The CPU level the kernels run with: 0 scalar, 1 AVX2, 2 AVX-512.
+/// The CPU level the kernels run with: 0 scalar, 1 AVX2, 2 AVX-512, 3 AMX.
 #[no_mangle]
 pub extern "C" fn fp8xla_isa_level() -> i32 {
     crate::cpu::Isa::detect() as i32
+}
+
+/// What the kernels run on this machine and why, as a JSON object (see
+/// `kernels::info_json`): one static NUL-terminated string owned by the library.
+#[no_mangle]
+pub extern "C" fn fp8xla_kernel_info() -> *const c_char {
+    static INFO: once_cell::sync::Lazy<CString> = once_cell::sync::Lazy::new(|| {
+        CString::new(crate::kernels::info_json()).unwrap_or_default()
+    });
+    INFO.as_ptr()
 }
 
 /// Runs a graph-rewrite pass by name (one of `crate::rewrite::PASSES`) over StableHLO text.

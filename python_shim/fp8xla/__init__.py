@@ -5,11 +5,11 @@ Importing the package loads the native library and registers its XLA custom call
 platform, so jitted functions and deserialized exports that use them run in this process.
 """
 from . import _library
-from ._library import isa, library_path
+from ._library import info, isa, library_path
 
 _library.load()
 
 from . import ops  # noqa: E402  (needs the targets registered)
 
-__all__ = ["ops", "isa", "library_path"]
+__all__ = ["ops", "info", "isa", "library_path"]
 __version__ = "0.1.0"

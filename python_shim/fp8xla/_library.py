@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import json
 import os
 
 import jax
@@ -45,6 +46,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8xla_free_string.argtypes = [ctypes.c_void_p]
     lib.fp8xla_isa_level.restype = ctypes.c_int32
     lib.fp8xla_isa_level.argtypes = []
+    lib.fp8xla_kernel_info.restype = ctypes.c_char_p
+    lib.fp8xla_kernel_info.argtypes = []
 
 
 def read_targets(lib: ctypes.CDLL, path: str) -> tuple[str, ...]:
@@ -90,6 +93,30 @@ def targets() -> tuple[str, ...]:
     return _targets
 
 
+_ISA_LEVELS = ("scalar", "avx2", "avx512", "amx")
+
+
 def isa() -> str:
-    """The instruction set the kernels dispatch to on this CPU."""
-    return ("scalar", "avx2", "avx512")[load().fp8xla_isa_level()]
+    """The instruction-set level the kernels run at: "scalar", "avx2", "avx512" or "amx"."""
+    return _ISA_LEVELS[load().fp8xla_isa_level()]
+
+
+def info() -> dict:
+    """What the kernels run on this machine and why.
+
+    Keys: ``isa`` (the level in use), ``supported`` (the best this CPU and OS offer), ``why``
+    (how the level was chosen, e.g. "amx: requested by FP8XLA_ISA"), ``kernels`` (what runs
+    for decode-shaped and prefill-shaped products) and ``levels`` (each level with
+    ``available`` and, when it is not, the ``reason``, e.g. "OS refused tile state").
+    ``FP8XLA_ISA=scalar|avx2|avx512|amx`` (read once, when the library loads) asks for a level.
+    """
+    requested = os.environ.get("FP8XLA_ISA")
+    if requested is not None and requested not in _ISA_LEVELS:
+        raise ValueError(f"fp8xla: FP8XLA_ISA={requested!r} is not one of "
+                         f"{', '.join(_ISA_LEVELS)}")
+    return json.loads(load().fp8xla_kernel_info().decode())
+
+
+def banner() -> str:
+    """One line for command-line tools: the kernels in use and why."""
+    return f"kernels: {info()['why']}"

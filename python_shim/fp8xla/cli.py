@@ -50,8 +50,8 @@ def demo(args) -> int:
     from fp8xla import keras as fk
     from fp8xla import models
 
-    print(f"fp8xla {fp8xla.__version__} | kernels: {fp8xla.isa()} | CPU cores: {os.cpu_count()}"
-          f" | XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}", flush=True)
+    print(f"fp8xla {fp8xla.__version__} | {fp8xla._library.banner()} | CPU cores: "
+          f"{os.cpu_count()} | XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}", flush=True)
     model = models.load_model(args.model, progress=True)
     _progress(f"float32 generate (compiles first), max_length={args.max_length}")
     before, tps_before, _ = _timed_generate(model, args.prompt, args.max_length)
@@ -131,7 +131,9 @@ def matmuls(args) -> int:
     import fp8xla
     from fp8xla import matmul_bench
 
-    print(f"fp8xla {fp8xla.__version__} | kernels: {fp8xla.isa()} | CPU cores: {os.cpu_count()}")
+    print(f"fp8xla {fp8xla.__version__} | {fp8xla._library.banner()} | CPU cores: "
+          f"{os.cpu_count()}")
+    print(f"  {fp8xla.info()['kernels']}")
     print("Weights of Gemma3-270M shapes, quantized per channel to float8_e4m3fn (1 byte "
           "each); activations float32, accumulation float32.\n")
     all_rows = []

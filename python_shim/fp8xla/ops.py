@@ -276,7 +276,7 @@ def _dot_general_shape(op, lhs_shape, rhs_shape, dimension_numbers):
 
 
 def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_format=None,
-               out_dtype=None, w_scale_dim=None):
+               out_dtype=None, w_scale_dim=None, precision="f32"):
     """``dot_general(lhs', f32(rhs) * w_scale)`` with FP8 weights and float32 accumulation.
 
     ``lhs`` is float32|bfloat16 activations, ``rhs`` float8_e4m3fn|float8_e5m2 weights.
@@ -286,7 +286,12 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
     batch dims × rhs free dims), or with ``w_scale_dim=d`` one per index of rhs free dim ``d``.
     ``a_scale``: if given, the activations are quantized to FP8
     (``a_format``, default the weights' format) and back first — INC's static activation
-    quantization. The result has ``out_dtype`` (default: ``lhs.dtype``)."""
+    quantization. The result has ``out_dtype`` (default: ``lhs.dtype``).
+    ``precision``: ``"f32"`` (default) keeps float32 activations at float32 precision on every
+    kernel; ``"bf16"`` lets the AMX tile kernels round them to bfloat16 once (like oneDNN's
+    bf16 fpmath mode: about 3 significant digits, faster on AMX, no effect elsewhere)."""
+    if precision not in ("f32", "bf16"):
+        raise ValueError(f"fp8xla.fp8_matmul: `precision` must be 'f32' or 'bf16', got {precision!r}")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     _check_float("fp8_matmul", "lhs", lhs)
     try:
@@ -310,6 +315,8 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
         attrs["a_scale"] = _check_scale("fp8_matmul", a_scale)
         if a_format is not None:
             attrs["a_format"] = format_name(a_format)
+    if precision != "f32":
+        attrs["precision"] = precision
     operands = [lhs, rhs]
     if np.ndim(w_scale) == 0 and not isinstance(w_scale, jax.Array):
         attrs["w_scale"] = _check_scale("fp8_matmul", w_scale)

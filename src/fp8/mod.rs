@@ -201,9 +201,10 @@ pub(crate) fn exact_reciprocal(scale: f32) -> Option<f32> {
     (bits & 0x007F_FFFF == 0 && (1..=254).contains(&exp)).then(|| 1.0 / scale)
 }
 
-/// The path actually taken for a requested `isa`: never above what this CPU supports.
+/// The path actually taken for a requested `isa`: never above what this CPU supports, and
+/// the AVX-512 conversions at the AMX level (AMX has no conversion instructions of its own).
 fn effective(isa: Isa) -> Isa {
-    isa.min(Isa::supported())
+    isa.min(Isa::supported()).min(Isa::Avx512)
 }
 
 /// `sat(RNE(x))`: the FP8 code nearest to `x` (ties to even), `x` clamped to ±max first so

@@ -7,7 +7,7 @@
 //! [`crate::layout`], shared with the graph rewrite).
 use super::{check_scale, fp8_format};
 use crate::fp8::{self, Format};
-use crate::kernels::{fp8_matmul, Fp8Weights, WeightScale};
+use crate::kernels::{fp8_matmul, Fp8Weights, Lhs, WeightScale};
 use crate::layout::{matmul_layout, MatmulLayout as Plan};
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
@@ -18,6 +18,7 @@ const ATTRS: &[&str] = &[
     "a_scale",
     "lhs_batching_dims",
     "lhs_contracting_dims",
+    "precision",
     "rhs_batching_dims",
     "rhs_contracting_dims",
     "w_scale",
@@ -222,44 +223,61 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         k: plan.k,
         inner: plan.inner,
     };
-    // The activation QDQ applies to the packed lhs, written to a buffer of its own. A float32
-    // lhs that is already packed (the usual decode case) is read straight from XLA's buffer:
-    // not copied at all without a QDQ, and QDQ-ed without a gather with one.
-    let quantized = |src: &[f32]| {
-        a_scale.map(|s| {
-            let mut q = vec![0f32; src.len()];
-            fp8::qdq(a_format, s, src, &mut q);
-            q
-        })
+    // The activations go to the kernels packed `[batch, m, k]`. A float32 lhs that is already
+    // packed (the usual decode case) is read straight from XLA's buffer. With `a_scale` they
+    // are quantized to FP8 codes (the kernels decode them exactly: the QDQ of the fake-quant
+    // reference), so products of two FP8 values stay exact on every path.
+    let precision = match attrs.opt_str("precision")? {
+        None | Some("f32") => false,
+        Some("bf16") => true,
+        Some(other) => {
+            return Err(FfiError::invalid(format!(
+                "attribute `precision`: expected \"f32\" or \"bf16\", got {other:?}"
+            )))
+        }
     };
-    let packed = match lhs.dtype() {
+    let packed: Option<Vec<f32>> = match lhs.dtype() {
         DataType::F32 => {
             let src = lhs.slice::<f32>("operand 0 (lhs)")?;
-            if plan.lhs_is_packed() {
-                quantized(src)
-            } else {
-                let p = pack_lhs(&plan, src, |x| x);
-                Some(quantized(&p).unwrap_or(p))
-            }
+            (!plan.lhs_is_packed()).then(|| pack_lhs(&plan, src, |x| x))
         }
-        _ => {
-            let p = pack_lhs(&plan, lhs.slice::<bf16>("operand 0 (lhs)")?, bf16::to_f32);
-            Some(quantized(&p).unwrap_or(p))
-        }
+        _ => Some(pack_lhs(
+            &plan,
+            lhs.slice::<bf16>("operand 0 (lhs)")?,
+            bf16::to_f32,
+        )),
     };
-    let lhs_f32: &[f32] = match &packed {
+    let values: &[f32] = match &packed {
         Some(p) => p,
         None => lhs.slice::<f32>("operand 0 (lhs)")?,
+    };
+    let codes;
+    let lhs_in = match a_scale {
+        Some(scale) => {
+            let mut q = vec![0u8; values.len()];
+            fp8::quantize(a_format, scale, values, &mut q);
+            codes = q;
+            Lhs::Fp8 {
+                codes: &codes,
+                format: a_format,
+                scale,
+            }
+        }
+        // bf16 activations are bf16 values already: nothing is lost by rounding to bf16.
+        None => Lhs::F32 {
+            values,
+            bf16_ok: precision || lhs.dtype() == DataType::Bf16,
+        },
     };
     let pool = call.pool();
     match out.dtype() {
         DataType::F32 => {
             let dst = out.into_slice::<f32>("result 0")?;
-            fp8_matmul(pool, lhs_f32, plan.m(), &weights, w_scale, dst);
+            fp8_matmul(pool, lhs_in, plan.m(), &weights, w_scale, dst);
         }
         DataType::Bf16 => {
             let mut tmp = vec![0f32; out.len()];
-            fp8_matmul(pool, lhs_f32, plan.m(), &weights, w_scale, &mut tmp);
+            fp8_matmul(pool, lhs_in, plan.m(), &weights, w_scale, &mut tmp);
             let dst = out.into_slice::<bf16>("result 0")?;
             for (d, s) in dst.iter_mut().zip(&tmp) {
                 *d = bf16::from_f32(*s);

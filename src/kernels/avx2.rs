@@ -6,31 +6,52 @@
 //! The 2^8 is folded into the final per-column multiplier (see `Backend::domain`).
 //!
 //! The safe methods of [`Avx2`] re-check every bound the unsafe bodies rely on; an `Avx2`
-//! value only exists when the CPU supports the instructions.
+//! value only exists when the CPU supports the instructions (see [`table`]).
 #![allow(clippy::too_many_arguments)]
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{Mul, MR, NR};
+use super::{Kernels, Mul, MR, NR};
+use crate::cpu::Isa;
 use crate::fp8::Format;
 
-/// Proof that AVX2, FMA and F16C are available.
+/// Proof that AVX2, FMA and F16C are available: only [`table`] makes one, after checking.
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2(());
 
-impl Avx2 {
-    pub(crate) fn new() -> Option<Avx2> {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Some(Avx2(()));
-        }
-        None
-    }
+/// The AVX2 kernel table, if this CPU has AVX2, FMA and F16C.
+pub(super) fn table() -> Option<&'static Kernels> {
+    (Isa::supported() >= Isa::Avx2).then_some(&TABLE)
 }
+
+/// The table's entries make an `Avx2` token: [`table`] hands the table out only after the
+/// CPU check, so every call through it runs on a CPU with the instructions.
+pub(super) static TABLE: Kernels = Kernels {
+    isa: Isa::Avx2,
+    gemv_name: "avx2 8-lane FMA",
+    gemm_name: "avx2 FMA 6x16 f32 microkernel",
+    e4m3_unit: 256.0,
+    gemv_nk: |fmt, lhs, rows, k, w, ncols, out, os, mul| {
+        Avx2(()).gemv_nk(fmt, lhs, rows, k, w, ncols, out, os, mul)
+    },
+    kn_rows: |fmt, lhs, ls, rows, kr, w, ncols, acc| {
+        Avx2(()).kn_rows(fmt, lhs, ls, rows, kr, w, ncols, acc)
+    },
+    gemv_nk_f32: |lhs, rows, k, w, ncols, out, os| {
+        Avx2(()).gemv_nk_f32(lhs, rows, k, w, ncols, out, os)
+    },
+    kn_rows_f32: |lhs, ls, rows, kr, w, ncols, acc| {
+        Avx2(()).kn_rows_f32(lhs, ls, rows, kr, w, ncols, acc)
+    },
+    pack_kn: Some(|fmt, w, ws, kc, dst| Avx2(()).pack_kn(fmt, w, ws, kc, dst)),
+    pack_nk: Some(|fmt, w, k, pc, kc, cols, dst| Avx2(()).pack_nk(fmt, w, k, pc, kc, cols, dst)),
+    micro: |a, mr, lda, kc, b, c, col, cols, first, mul| {
+        Avx2(()).micro(a, mr, lda, kc, b, c, col, cols, first, mul)
+    },
+    tile_gemm: None,
+    tile_min_rows: usize::MAX,
+};
 
 fn check_mul(mul: &Mul, ncols: usize) {
     if let Some(s) = mul.per {
@@ -58,91 +79,6 @@ fn scaled_table(fmt: Format) -> &'static [f32; 256] {
     match fmt {
         Format::E4m3fn => &super::E4M3_SCALED,
         Format::E5m2 => super::table(Format::E5m2),
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-impl Avx2 {
-    pub(super) fn kn_rows(
-        self,
-        _: Format,
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &[u8],
-        _: usize,
-        _: &mut [f32],
-    ) {
-        unreachable!()
-    }
-    pub(super) fn gemv_nk(
-        self,
-        _: Format,
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: &[u8],
-        _: usize,
-        _: &mut [f32],
-        _: usize,
-        _: Mul,
-    ) {
-        unreachable!()
-    }
-    pub(super) fn kn_rows_f32(
-        self,
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &[f32],
-        _: usize,
-        _: &mut [f32],
-    ) {
-        unreachable!()
-    }
-    pub(super) fn gemv_nk_f32(
-        self,
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: &[f32],
-        _: usize,
-        _: &mut [f32],
-        _: usize,
-    ) {
-        unreachable!()
-    }
-    pub(super) fn pack_kn(self, _: Format, _: &[u8], _: usize, _: usize, _: &mut [f32]) {
-        unreachable!()
-    }
-    pub(super) fn pack_nk(
-        self,
-        _: Format,
-        _: &[u8],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &mut [f32],
-    ) {
-        unreachable!()
-    }
-    pub(super) fn micro(
-        self,
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &[f32],
-        _: &mut [f32],
-        _: usize,
-        _: usize,
-        _: bool,
-        _: Option<&[f32; NR]>,
-    ) {
-        unreachable!()
     }
 }
 

@@ -1,7 +1,7 @@
 //! Compute kernels: the FP8 matmul, and float32 GEMVs for decode-shaped float32 products.
 //!
 //! `out = lhs · (f32(decode(w)) · scale)` with f32 accumulation, for FP8 weights stored as
-//! `[batch, outer, k, inner]`. Two strategies, picked by the number of lhs rows:
+//! `[batch, outer, k, inner]`. Three strategies, picked by the number of lhs rows:
 //!
 //! * GEMV (`m <= GEMV_MAX_M`): the weights are streamed once, front to back, converted in
 //!   registers and multiplied against all lhs rows at once. NK weights: tasks split the output
@@ -11,17 +11,28 @@
 //!   `KC x NC` block) and consumed by a register-blocked FMA microkernel; tasks own column
 //!   ranges of the output (so every weight is converted once), and also row ranges when there
 //!   are too few columns.
+//! * Tile GEMM (AMX, from `tile_min_rows` rows): see [`amx`].
 //!
-//! Only AVX2 (+FMA+F16C) and scalar kernels exist: `Isa::Avx512` runs the AVX2 ones.
+//! The microkernels come from one table per instruction-set level ([`table::Kernels`]),
+//! chosen once: scalar, AVX2 (+FMA+F16C), AVX-512 (its own FP8 GEMVs, AVX2's GEMM) and AMX
+//! (AVX-512's table plus the tile GEMM).
 //!
 //! Vector kernels may accumulate in a scaled domain (e4m3fn is widened through f16, which
 //! divides every value by 2^8 exactly); the factor is folded into the per-column multiplier
 //! applied once at the end.
 
+pub(crate) mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
+mod table;
 #[cfg(test)]
 mod tests;
+mod wide;
+
+pub use amx::amx_support;
 
 use crate::cpu::Isa;
 use crate::fp8::{decode, Format};
@@ -30,6 +41,39 @@ use once_cell::sync::Lazy;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Mutex;
+pub(crate) use table::Kernels;
+
+/// The activations (lhs) of an FP8 matmul, packed `[batch, m, k]` row-major.
+#[derive(Clone, Copy, Debug)]
+pub enum Lhs<'a> {
+    /// float32 values (weight-only quantization). The tile GEMM splits each value into two
+    /// bfloat16 (`hi + lo`, about 2^-16 relative error per product) unless `bf16_ok`.
+    F32 { values: &'a [f32], bf16_ok: bool },
+    /// FP8 codes with one scale: the value of code `q` is `decode(q) * scale` (activations
+    /// quantized with `a_scale`). Products of two FP8 values are exact in every kernel.
+    Fp8 {
+        codes: &'a [u8],
+        format: Format,
+        scale: f32,
+    },
+}
+
+impl<'a> Lhs<'a> {
+    /// float32 activations, kept at float32 precision.
+    pub fn f32(values: &'a [f32]) -> Lhs<'a> {
+        Lhs::F32 {
+            values,
+            bf16_ok: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Lhs::F32 { values, .. } => values.len(),
+            Lhs::Fp8 { codes, .. } => codes.len(),
+        }
+    }
+}
 
 /// How the decoded weights are scaled.
 #[derive(Clone, Copy, Debug)]
@@ -80,13 +124,13 @@ const GEMV_MIN_PARALLEL_BYTES: usize = 64 << 10;
 /// `workers * 4` long ones.
 const GEMV_MAX_TASK_BYTES: usize = 2 << 20;
 
-/// `out = lhs · (decode(w) · scale)` using the best kernels of this CPU (`Isa::detect()`).
+/// `out = lhs · (decode(w) · scale)` using the kernels of `Isa::detect()`.
 ///
-/// `lhs` is `[batch, m, k]` and `out` is `[batch, m, n]`, both f32 row-major contiguous; `out`
+/// `lhs` is `[batch, m, k]` and `out` is `[batch, m, n]`, both row-major contiguous; `out`
 /// is fully overwritten. Panics if a slice length does not match the shapes.
 pub fn fp8_matmul(
     par: &dyn Parallel,
-    lhs: &[f32],
+    lhs: Lhs,
     m: usize,
     w: &Fp8Weights,
     scale: WeightScale,
@@ -96,11 +140,24 @@ pub fn fp8_matmul(
 }
 
 /// Same as [`fp8_matmul`] with an explicit instruction-set level (which must be supported by
-/// this CPU; levels without dedicated kernels use the next lower ones).
+/// this machine).
 pub fn fp8_matmul_with(
     isa: Isa,
     par: &dyn Parallel,
-    lhs: &[f32],
+    lhs: Lhs,
+    m: usize,
+    w: &Fp8Weights,
+    scale: WeightScale,
+    out: &mut [f32],
+) {
+    fp8_matmul_on(Kernels::for_isa(isa), par, lhs, m, w, scale, out)
+}
+
+/// [`fp8_matmul`] on a given kernel table.
+pub(crate) fn fp8_matmul_on(
+    kern: &'static Kernels,
+    par: &dyn Parallel,
+    lhs: Lhs,
     m: usize,
     w: &Fp8Weights,
     scale: WeightScale,
@@ -123,13 +180,34 @@ pub fn fp8_matmul_with(
     if let WeightScale::PerChannel(s) = scale {
         assert_eq!(s.len(), prod(&[batch, n]), "fp8_matmul: scale length");
     }
-    if trivial("fp8_matmul", isa, k, out) {
+    if trivial(k, out) {
         return;
     }
+    if let Some(tiles) = kern.tile_gemm {
+        if m >= kern.tile_min_rows {
+            return tiles(par, &lhs, m, w, scale, out);
+        }
+    }
+    // The f32 kernels take values: FP8 activations are decoded (exactly what the QDQ of the
+    // fake-quant reference gives).
+    let decoded;
+    let values = match lhs {
+        Lhs::F32 { values, .. } => values,
+        Lhs::Fp8 {
+            codes,
+            format,
+            scale,
+        } => {
+            let mut v = vec![0f32; codes.len()];
+            crate::fp8::dequantize(format, scale, codes, &mut v);
+            decoded = v;
+            &decoded[..]
+        }
+    };
     let p = Problem {
-        bk: Backend::for_isa(isa),
+        kern,
         fmt: w.format,
-        lhs,
+        lhs: values,
         m,
         w: w.data,
         batch,
@@ -144,6 +222,33 @@ pub fn fp8_matmul_with(
     } else {
         gemm(&p, par, out);
     }
+}
+
+/// What the kernels run on this machine, as one JSON object: the level in use (`isa`), the
+/// best one supported, why that level, what runs for each product shape, and every level's
+/// availability with the reason when it is not available.
+pub fn info_json() -> String {
+    let sel = Isa::selection();
+    let levels: Vec<serde_json::Value> = sel
+        .levels
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "isa": a.isa.name(),
+                "available": a.available,
+                "reason": a.reason,
+            })
+        })
+        .collect();
+    let kern = Kernels::for_isa(sel.chosen);
+    serde_json::json!({
+        "isa": kern.isa.name(),
+        "supported": sel.supported.name(),
+        "why": sel.why,
+        "kernels": kern.describe(),
+        "levels": levels,
+    })
+    .to_string()
 }
 
 /// Float32 weights of logical shape `[batch, outer, k, inner]`, row-major: the layout of
@@ -190,10 +295,10 @@ pub fn f32_matmul_with(
     );
     assert_eq!(lhs.len(), prod(&[batch, m, k]), "f32_matmul: lhs length");
     assert_eq!(out.len(), prod(&[batch, m, n]), "f32_matmul: out length");
-    if trivial("f32_matmul", isa, k, out) {
+    if trivial(k, out) {
         return;
     }
-    let bk = Backend::for_isa(isa);
+    let kern = Kernels::for_isa(isa);
     for b in 0..batch {
         let wb = &w.data[b * per_batch..(b + 1) * per_batch];
         for r0 in (0..m).step_by(GEMV_MAX_M) {
@@ -213,22 +318,12 @@ pub fn f32_matmul_with(
             if inner == 1 {
                 gemv_nk_columns(&g, par, dst, &|_, cols, lhs, dst, os| {
                     let w = &wb[cols.start * k..cols.end * k];
-                    match bk {
-                        Backend::Scalar => {
-                            scalar::gemv_nk(|x| x, lhs, rows, k, w, cols.len(), dst, os, Mul::ONE)
-                        }
-                        Backend::Avx2(t) => t.gemv_nk_f32(lhs, rows, k, w, cols.len(), dst, os),
-                    }
+                    (kern.gemv_nk_f32)(lhs, rows, k, w, cols.len(), dst, os)
                 });
             } else {
                 let kernel = |s: usize, kr: Range<usize>, lhs: &[f32], acc: &mut [f32]| {
                     let w = &wb[(s * k + kr.start) * inner..(s * k + kr.end) * inner];
-                    match bk {
-                        Backend::Scalar => {
-                            scalar::kn_rows(|x| x, lhs, k, rows, kr.len(), w, inner, acc)
-                        }
-                        Backend::Avx2(t) => t.kn_rows_f32(lhs, k, rows, kr.len(), w, inner, acc),
-                    }
+                    (kern.kn_rows_f32)(lhs, k, rows, kr.len(), w, inner, acc)
                 };
                 gemv_kn_slabs(&g, par, dst, &kernel, &|_, _| Mul::ONE);
             }
@@ -236,46 +331,13 @@ pub fn f32_matmul_with(
     }
 }
 
-/// Checks that this CPU supports `isa`, and does the products that need no kernel: an empty
-/// output, or a zero depth (all sums are 0). Returns whether `out` is done.
-fn trivial(what: &str, isa: Isa, k: usize, out: &mut [f32]) -> bool {
-    assert!(
-        isa <= Isa::supported(),
-        "{what}: {} is not supported by this CPU",
-        isa.name()
-    );
+/// Does the products that need no kernel: an empty output, or a zero depth (all sums are 0).
+/// Returns whether `out` is done.
+fn trivial(k: usize, out: &mut [f32]) -> bool {
     if k == 0 {
         out.fill(0.0);
     }
     out.is_empty() || k == 0
-}
-
-/// Which kernel family runs.
-#[derive(Clone, Copy)]
-pub(crate) enum Backend {
-    Scalar,
-    Avx2(avx2::Avx2),
-}
-
-impl Backend {
-    /// The kernels of `isa` (levels without dedicated kernels use the next lower ones).
-    fn for_isa(isa: Isa) -> Backend {
-        match isa {
-            Isa::Scalar => Backend::Scalar,
-            Isa::Avx2 | Isa::Avx512 => match avx2::Avx2::new() {
-                Some(t) => Backend::Avx2(t),
-                None => Backend::Scalar,
-            },
-        }
-    }
-
-    /// The table of weight values in this backend's domain, and the factor back to real values.
-    fn domain(self, fmt: Format) -> (&'static [f32; 256], f32) {
-        match (self, fmt) {
-            (Backend::Avx2(_), Format::E4m3fn) => (&E4M3_SCALED, 256.0),
-            (_, f) => (table(f), 1.0),
-        }
-    }
 }
 
 static E4M3: Lazy<[f32; 256]> = Lazy::new(|| crate::fp8::decode_table(Format::E4m3fn));
@@ -319,7 +381,7 @@ impl<'a> Mul<'a> {
 }
 
 struct Problem<'a> {
-    bk: Backend,
+    kern: &'static Kernels,
     fmt: Format,
     lhs: &'a [f32],
     m: usize,
@@ -335,7 +397,7 @@ struct Problem<'a> {
 impl<'a> Problem<'a> {
     /// Multiplier for columns `c0..` of batch `b`.
     fn mul(&self, b: usize, c0: usize) -> Mul<'a> {
-        let (_, unit) = self.bk.domain(self.fmt);
+        let (_, unit) = self.kern.domain(self.fmt);
         match self.scale {
             WeightScale::PerTensor(s) => Mul {
                 unit,
@@ -412,14 +474,7 @@ fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
             let wb = p.weights(b);
             let w = &wb[cols.start * k..cols.end * k];
             let mul = p.mul(b, cols.start);
-            match p.bk {
-                Backend::Scalar => {
-                    let tab = table(p.fmt);
-                    let dec = |q: u8| tab[q as usize];
-                    scalar::gemv_nk(dec, lhs, m, k, w, cols.len(), dst, os, mul)
-                }
-                Backend::Avx2(t) => t.gemv_nk(p.fmt, lhs, m, k, w, cols.len(), dst, os, mul),
-            }
+            (p.kern.gemv_nk)(p.fmt, lhs, m, k, w, cols.len(), dst, os, mul)
         })
     } else {
         let slab = |s: usize, rows: &Range<usize>| {
@@ -431,14 +486,7 @@ fn gemv(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
             out,
             &|s, rows, lhs, acc| {
                 let w = slab(s, &rows);
-                match p.bk {
-                    Backend::Scalar => {
-                        let tab = table(p.fmt);
-                        let dec = |q: u8| tab[q as usize];
-                        scalar::kn_rows(dec, lhs, k, m, rows.len(), w, inner, acc)
-                    }
-                    Backend::Avx2(t) => t.kn_rows(p.fmt, lhs, k, m, rows.len(), w, inner, acc),
-                }
+                (p.kern.kn_rows)(p.fmt, lhs, k, m, rows.len(), w, inner, acc)
             },
             &|b, c0| p.mul(b, c0),
         )
@@ -639,7 +687,7 @@ fn gemm(p: &Problem, par: &dyn Parallel, out: &mut [f32]) {
                                 }
                             }
                             micro(
-                                p.bk,
+                                p.kern,
                                 &lhs[ir * k + pc..],
                                 mr,
                                 k,
@@ -673,19 +721,21 @@ fn pack_panel(
 ) {
     let (k, inner) = (p.k, p.inner);
     let (o, i0) = (j / inner, j % inner);
-    if let Backend::Avx2(t) = p.bk {
+    if let Some(pack_kn) = p.kern.pack_kn {
         if cols == NR && i0 + NR <= inner {
             let start = o * k * inner + pc * inner + i0;
             let end = start + (kc - 1) * inner + NR;
-            t.pack_kn(p.fmt, &wb[start..end], inner, kc, dst);
-            return;
-        }
-        if inner == 1 {
-            t.pack_nk(p.fmt, &wb[j * k..(j + cols) * k], k, pc, kc, cols, dst);
+            pack_kn(p.fmt, &wb[start..end], inner, kc, dst);
             return;
         }
     }
-    let (tab, _) = p.bk.domain(p.fmt);
+    if let Some(pack_nk) = p.kern.pack_nk {
+        if inner == 1 {
+            pack_nk(p.fmt, &wb[j * k..(j + cols) * k], k, pc, kc, cols, dst);
+            return;
+        }
+    }
+    let (tab, _) = p.kern.domain(p.fmt);
     for x in 0..NR {
         if x < cols {
             let c = j + x;
@@ -706,7 +756,7 @@ fn pack_panel(
 /// `mul[x]` if given.
 #[allow(clippy::too_many_arguments)]
 fn micro(
-    bk: Backend,
+    kern: &Kernels,
     a: &[f32],
     mr: usize,
     lda: usize,
@@ -721,8 +771,5 @@ fn micro(
     assert!((1..=MR).contains(&mr) && (1..=NR).contains(&cols) && c.len() >= mr);
     assert!(a.len() >= (mr - 1) * lda + kc && b.len() >= kc * NR);
     assert!(c.iter().take(mr).all(|row| row.len() >= col + cols));
-    match bk {
-        Backend::Scalar => scalar::micro(a, mr, lda, kc, b, c, col, cols, first, mul),
-        Backend::Avx2(t) => t.micro(a, mr, lda, kc, b, c, col, cols, first, mul),
-    }
+    (kern.micro)(a, mr, lda, kc, b, c, col, cols, first, mul)
 }

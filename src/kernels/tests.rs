@@ -64,6 +64,12 @@ fn make(c: &Case, seed: u64) -> Data {
 
 /// float64 triple loop of `sum lhs * (decode(w) * scale)`.
 fn reference(c: &Case, d: &Data) -> Vec<f64> {
+    let lhs: Vec<f64> = d.lhs.iter().map(|&x| x as f64).collect();
+    reference_with(c, d, &lhs)
+}
+
+/// [`reference`] with the activations given in float64.
+fn reference_with(c: &Case, d: &Data, lhs: &[f64]) -> Vec<f64> {
     let n = c.outer * c.inner;
     let mut out = vec![0.0f64; c.batch * c.m * n];
     for b in 0..c.batch {
@@ -80,7 +86,7 @@ fn reference(c: &Case, d: &Data) -> Vec<f64> {
                     for kk in 0..c.k {
                         let q = d.w[((b * c.outer + o) * c.k + kk) * c.inner + i];
                         let wv = decode(c.fmt, q) as f64 * s;
-                        acc += d.lhs[(b * c.m + r) * c.k + kk] as f64 * wv;
+                        acc += lhs[(b * c.m + r) * c.k + kk] * wv;
                     }
                     out[(b * c.m + r) * n + col] = acc;
                 }
@@ -90,7 +96,48 @@ fn reference(c: &Case, d: &Data) -> Vec<f64> {
     out
 }
 
-fn run(isa: Isa, c: &Case, d: &Data) -> Vec<f32> {
+/// Every kernel table testable on this machine: the levels it runs, then the software models of
+/// the AVX-512 GEMVs and the AMX tile GEMM (which run everywhere). Says once which real levels
+/// were skipped and why.
+fn tables() -> Vec<(String, &'static Kernels)> {
+    static SKIPPED: std::sync::Once = std::sync::Once::new();
+    SKIPPED.call_once(|| {
+        for a in &Isa::selection().levels {
+            if !a.available {
+                println!(
+                    "SKIPPED: the real {} kernels ({}); their software model runs instead",
+                    a.isa.name(),
+                    a.reason
+                );
+            }
+        }
+    });
+    let mut out: Vec<(String, &'static Kernels)> = Isa::all_supported()
+        .into_iter()
+        .map(|isa| (isa.name().to_string(), Kernels::for_isa(isa)))
+        .collect();
+    for (name, t) in ["model avx512 GEMV", "model amx tiles"]
+        .into_iter()
+        .zip(Kernels::models())
+    {
+        out.push((name.to_string(), t));
+    }
+    out
+}
+
+/// The tables that have a tile GEMM: the model, and the real one where AMX runs.
+fn tile_tables() -> Vec<(String, &'static Kernels)> {
+    tables()
+        .into_iter()
+        .filter(|(_, t)| t.tile_gemm.is_some())
+        .collect()
+}
+
+fn run(kern: &'static Kernels, c: &Case, d: &Data) -> Vec<f32> {
+    run_lhs(kern, c, d, Lhs::f32(&d.lhs))
+}
+
+fn run_lhs(kern: &'static Kernels, c: &Case, d: &Data, lhs: Lhs) -> Vec<f32> {
     let n = c.outer * c.inner;
     let mut out = vec![f32::NAN; c.batch * c.m * n];
     let w = Fp8Weights {
@@ -108,9 +155,9 @@ fn run(isa: Isa, c: &Case, d: &Data) -> Vec<f32> {
     };
     if c.threads > 1 {
         let par = ScopedThreads(c.threads);
-        fp8_matmul_with(isa, &par, &d.lhs, c.m, &w, scale, &mut out);
+        fp8_matmul_on(kern, &par, lhs, c.m, &w, scale, &mut out);
     } else {
-        fp8_matmul_with(isa, &Serial, &d.lhs, c.m, &w, scale, &mut out);
+        fp8_matmul_on(kern, &Serial, lhs, c.m, &w, scale, &mut out);
     }
     out
 }
@@ -145,9 +192,9 @@ fn compare(c: &Case, got: &[f32], want: &[f64], what: &str) {
 fn check(c: Case, seed: u64) {
     let d = make(&c, seed);
     let want = reference(&c, &d);
-    for isa in Isa::all_supported() {
-        let got = run(isa, &c, &d);
-        compare(&c, &got, &want, isa.name());
+    for (name, kern) in tables() {
+        let got = run(kern, &c, &d);
+        compare(&c, &got, &want, &name);
     }
 }
 
@@ -262,8 +309,8 @@ fn nan_and_inf_codes_propagate() {
             }
             let want = reference(&c, &d);
             assert!(want[5].is_nan());
-            for isa in Isa::all_supported() {
-                compare(&c, &run(isa, &c, &d), &want, isa.name());
+            for (name, kern) in tables() {
+                compare(&c, &run(kern, &c, &d), &want, &name);
             }
         }
     }
@@ -466,6 +513,129 @@ fn f32_gemv_propagates_nan_and_inf() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The tile GEMM over the edge grid: rows around whole tiles (0, 1, 3, 17, 512, 513), depths
+/// and columns that are not multiples of the tile sizes, both formats and scale kinds.
+#[test]
+fn tile_gemm_edges() {
+    let mut seed = 5000;
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for m in [0, 1, 3, 17, 512, 513] {
+            for (outer, k, inner) in [(1, 33, 70), (45, 65, 1), (3, 31, 17), (1, 1, 15)] {
+                seed += 1;
+                let c = Case {
+                    m,
+                    batch: 1 + seed as usize % 2,
+                    outer,
+                    k,
+                    inner,
+                    fmt,
+                    per_channel: seed % 3 != 0,
+                    threads: if seed % 2 == 0 { 3 } else { 1 },
+                };
+                let d = make(&c, seed);
+                let want = reference(&c, &d);
+                for (name, kern) in tile_tables() {
+                    compare(&c, &run(kern, &c, &d), &want, &name);
+                }
+            }
+        }
+    }
+}
+
+/// FP8 activations (the w+a mode) on every table: the result is the fake-quant reference
+/// (decoded codes times the scale, in float64) up to the order of the float32 sums.
+#[test]
+fn fp8_activations_match_the_fake_quant_reference() {
+    let mut seed = 6000;
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for (m, outer, k, inner) in [
+            (1, 1, 40, 33),
+            (3, 20, 64, 1),
+            (17, 1, 96, 48),
+            (40, 3, 33, 5),
+        ] {
+            seed += 1;
+            let c = Case {
+                m,
+                batch: 2,
+                outer,
+                k,
+                inner,
+                fmt,
+                per_channel: seed % 2 == 0,
+                threads: 3,
+            };
+            let mut rng = Rng(seed);
+            let mut d = make(&c, seed);
+            let a_scale = 0.037f32;
+            let codes: Vec<u8> = (0..d.lhs.len()).map(|_| rng.code(Format::E4m3fn)).collect();
+            // The reference sees the dequantized activations.
+            d.lhs = codes
+                .iter()
+                .map(|&q| (decode(Format::E4m3fn, q) as f64 * a_scale as f64) as f32)
+                .collect();
+            let exact: Vec<f64> = codes
+                .iter()
+                .map(|&q| decode(Format::E4m3fn, q) as f64 * a_scale as f64)
+                .collect();
+            let want = reference_with(&c, &d, &exact);
+            let lhs = Lhs::Fp8 {
+                codes: &codes,
+                format: Format::E4m3fn,
+                scale: a_scale,
+            };
+            for (name, kern) in tables() {
+                compare(&c, &run_lhs(kern, &c, &d, lhs), &want, &name);
+            }
+        }
+    }
+}
+
+/// `precision = "bf16"`: the tiles round the activations to bf16 once, so the result is the
+/// reference on bf16-rounded activations; the other tables keep float32 (also within it).
+#[test]
+fn bf16_activations_match_the_reference_on_rounded_values() {
+    let mut seed = 7000;
+    for fmt in [Format::E4m3fn, Format::E5m2] {
+        for (m, outer, k, inner) in [(17, 1, 96, 48), (33, 40, 64, 1)] {
+            seed += 1;
+            let c = Case {
+                m,
+                batch: 1,
+                outer,
+                k,
+                inner,
+                fmt,
+                per_channel: true,
+                threads: 3,
+            };
+            let d = make(&c, seed);
+            let rounded: Vec<f64> = d
+                .lhs
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f64())
+                .collect();
+            let want = reference_with(&c, &d, &rounded);
+            let lhs = Lhs::F32 {
+                values: &d.lhs,
+                bf16_ok: true,
+            };
+            for (name, kern) in tile_tables() {
+                compare(&c, &run_lhs(kern, &c, &d, lhs), &want, &name);
+            }
+            // And the tile result differs from the float32 one: the rounding really happened
+            // (a test that could not fail otherwise).
+            let (_, model) = tile_tables().pop().expect("the tile model");
+            let exact = reference(&c, &d);
+            let got = run_lhs(model, &c, &d, lhs);
+            assert!(got
+                .iter()
+                .zip(&exact)
+                .any(|(g, r)| (*g as f64 - r).abs() > 1e-4 * r.abs()));
         }
     }
 }

@@ -1,0 +1,408 @@
+//! The FP8 matmul on AMX bf16 tiles, for many lhs rows (prefill, scoring, batched generate).
+//!
+//! Every FP8 value is a bfloat16 exactly (both formats fit bf16's exponent and mantissa), so
+//! the weights are widened to bf16 while they are packed into tile panels (they stay one byte
+//! in memory and on disk), and `tdpbf16ps` multiplies them with float32 accumulation:
+//!
+//! * FP8 activations (`a_scale`, the w+a mode): decoded to bf16 exactly, the scale applied in
+//!   the epilogue; every product is exact, so the result is the fake-quant reference up to the
+//!   order of the float32 sums.
+//! * float32 activations: split `hi = bf16(x)`, `lo = bf16(x - hi)` and both products
+//!   accumulated (in separate tiles, added in the epilogue; about 2^-16 relative error per
+//!   product, far below the FP8 weight error), unless the caller allows plain bf16
+//!   activations (`precision = "bf16"`, like oneDNN's bf16 fpmath mode), which also covers
+//!   bf16 inputs (exact).
+//!
+//! Blocking: the activations are packed once (all rows, all depths: tiles of 16 rows x 32
+//! depths); tasks own ranges of output columns and pack the weights of 64 columns at a time
+//! (all depths), then sweep every row block against them, so each weight is widened once.
+//! One block is 32 rows x 32 columns (4 C tiles, 2 A, 2 B) in the bf16 modes, 16 x 32 with
+//! hi and lo (2 C tiles each, 2 A, 2 B) in the split mode. Depths and rows are zero-padded to
+//! whole tiles; the epilogue writes only the real rows and columns.
+//!
+//! The code below is written against [`tiles::TileUnit`], so the same packing, blocking and
+//! epilogue run on the hardware (`hw::AmxUnit`) and on the software model
+//! (`tiles::TileModel`, the tests).
+#![allow(clippy::too_many_arguments)]
+
+#[cfg(target_arch = "x86_64")]
+mod hw;
+pub(crate) mod tiles;
+
+use super::{Fp8Weights, Kernels, Lhs, WeightScale};
+use crate::fp8::{decode, Format};
+use crate::parallel::{split_range, Parallel};
+use half::bf16;
+use std::sync::Mutex;
+use tiles::{TileUnit, ROWS, ROW_BYTES};
+
+/// bf16 values in one tile row.
+const KSTEP: usize = ROW_BYTES / 2;
+/// Output columns whose weights a task packs at a time.
+const PANEL_COLS: usize = 64;
+/// The fewest lhs rows that take the tile GEMM. Not yet measured on AMX hardware: below it the
+/// AVX-512/AVX2 f32 GEMM runs. The weight widening costs the same per call on both paths, so
+/// the tiles should win from about one full tile of rows; `fp8xla matmuls --m M` on an AMX
+/// machine sets this.
+pub(crate) const TILE_MIN_ROWS: usize = 16;
+
+/// Whether this machine can run the AMX kernels, and if not, why.
+pub fn amx_support() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        hw::support()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Err("not an x86-64 CPU".to_string())
+    }
+}
+
+/// The AMX table: AVX-512's with the tile GEMM, handed out only where AMX runs.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn table() -> Option<&'static Kernels> {
+    use crate::cpu::Isa;
+    (Isa::supported() >= Isa::Amx).then_some(&TABLE)
+}
+
+#[cfg(target_arch = "x86_64")]
+static TABLE: Kernels = Kernels {
+    isa: crate::cpu::Isa::Amx,
+    gemv_name: super::avx512::TABLE.gemv_name,
+    gemm_name: super::avx512::TABLE.gemm_name,
+    e4m3_unit: super::avx512::TABLE.e4m3_unit,
+    gemv_nk: super::avx512::TABLE.gemv_nk,
+    kn_rows: super::avx512::TABLE.kn_rows,
+    gemv_nk_f32: super::avx512::TABLE.gemv_nk_f32,
+    kn_rows_f32: super::avx512::TABLE.kn_rows_f32,
+    pack_kn: super::avx512::TABLE.pack_kn,
+    pack_nk: super::avx512::TABLE.pack_nk,
+    micro: super::avx512::TABLE.micro,
+    tile_gemm: Some(|par, lhs, m, w, scale, out| {
+        // SAFETY: reachable only through `TABLE`, which `table` hands out where AMX runs.
+        unsafe { gemm::<hw::AmxUnit>(par, lhs, m, w, scale, out) }
+    }),
+    tile_min_rows: TILE_MIN_ROWS,
+};
+
+/// The scalar table with the tile GEMM on the software model, from the first row count
+/// above the GEMV's (so the tests send every GEMM-shaped case through the tiles).
+#[cfg(test)]
+pub(crate) static MODEL_TABLE: Kernels = Kernels {
+    isa: crate::cpu::Isa::Scalar,
+    gemv_name: "scalar",
+    gemm_name: "scalar 6x16 f32",
+    e4m3_unit: 1.0,
+    gemv_nk: |fmt, lhs, rows, k, w, ncols, out, os, mul| {
+        let tab = super::table(fmt);
+        super::scalar::gemv_nk(
+            |q: u8| tab[q as usize],
+            lhs,
+            rows,
+            k,
+            w,
+            ncols,
+            out,
+            os,
+            mul,
+        )
+    },
+    kn_rows: |fmt, lhs, ls, rows, kr, w, ncols, acc| {
+        let tab = super::table(fmt);
+        super::scalar::kn_rows(|q: u8| tab[q as usize], lhs, ls, rows, kr, w, ncols, acc)
+    },
+    gemv_nk_f32: |lhs, rows, k, w, ncols, out, os| {
+        super::scalar::gemv_nk(|x| x, lhs, rows, k, w, ncols, out, os, super::Mul::ONE)
+    },
+    kn_rows_f32: |lhs, ls, rows, kr, w, ncols, acc| {
+        super::scalar::kn_rows(|x| x, lhs, ls, rows, kr, w, ncols, acc)
+    },
+    pack_kn: None,
+    pack_nk: None,
+    micro: super::scalar::micro,
+    tile_gemm: Some(|par, lhs, m, w, scale, out| {
+        // SAFETY: the model uses no special instructions.
+        unsafe { gemm::<tiles::TileModel>(par, lhs, m, w, scale, out) }
+    }),
+    tile_min_rows: super::GEMV_MAX_M + 1,
+};
+
+/// bf16 bits of every code of `fmt` (exact).
+fn bf16_table(fmt: Format) -> [u16; 256] {
+    std::array::from_fn(|c| bf16::from_f32(decode(fmt, c as u8)).to_bits())
+}
+
+/// How the activations go into tiles.
+enum Mode {
+    /// One bf16 per value (FP8 codes, or values allowed to round to bf16).
+    Single,
+    /// `hi` and `lo` bf16 per value.
+    Split,
+}
+
+/// Activations of one batch packed into A tiles: tile `(rt, ks)` (rows `16 rt..`, depths
+/// `32 ks..`) at `((rt * ksteps + ks) * 16 + r) * 32 + kk`.
+struct PackedLhs {
+    hi: Vec<u16>,
+    lo: Vec<u16>,
+    /// Applied in the epilogue (the FP8 activation scale, else 1).
+    scale: f32,
+}
+
+fn pack_lhs(lhs: &Lhs, b: usize, m: usize, k: usize, row_tiles: usize, ksteps: usize) -> PackedLhs {
+    let len = row_tiles * ksteps * ROWS * KSTEP;
+    let at = |r: usize, kk: usize| {
+        ((r / ROWS * ksteps + kk / KSTEP) * ROWS + r % ROWS) * KSTEP + kk % KSTEP
+    };
+    let mut hi = vec![0u16; len];
+    let mut lo = Vec::new();
+    let scale = match *lhs {
+        Lhs::Fp8 {
+            codes,
+            format,
+            scale,
+        } => {
+            let tab = bf16_table(format);
+            for r in 0..m {
+                for (kk, &q) in codes[(b * m + r) * k..][..k].iter().enumerate() {
+                    hi[at(r, kk)] = tab[q as usize];
+                }
+            }
+            scale
+        }
+        Lhs::F32 { values, bf16_ok } => {
+            if !bf16_ok {
+                lo = vec![0u16; len];
+            }
+            for r in 0..m {
+                for (kk, &x) in values[(b * m + r) * k..][..k].iter().enumerate() {
+                    let h = bf16::from_f32(x);
+                    hi[at(r, kk)] = h.to_bits();
+                    if !bf16_ok {
+                        lo[at(r, kk)] = bf16::from_f32(x - h.to_f32()).to_bits();
+                    }
+                }
+            }
+            1.0
+        }
+    };
+    PackedLhs { hi, lo, scale }
+}
+
+/// Packs the weights of columns `j0..j0 + 16 * col_tiles` (those `>= n` as zeros) of one batch
+/// into B tiles: tile `(ct, ks)` at `((ct * ksteps + ks) * 16 + p) * 32 + 2x + t` holds depth
+/// `32 ks + 2p + t` of column `j0 + 16 ct + x`.
+fn pack_weights(
+    w: &Fp8Weights,
+    wb: &[u8],
+    tab: &[u16; 256],
+    j0: usize,
+    col_tiles: usize,
+    ksteps: usize,
+    dst: &mut Vec<u16>,
+) {
+    let (k, inner, n) = (w.k, w.inner, w.n());
+    dst.clear();
+    dst.resize(col_tiles * ksteps * ROWS * KSTEP, 0);
+    for ct in 0..col_tiles {
+        for x in 0..16 {
+            let col = j0 + 16 * ct + x;
+            if col >= n {
+                continue;
+            }
+            let base = (col / inner) * k * inner + col % inner;
+            for kk in 0..k {
+                let (ks, p, t) = (kk / KSTEP, (kk % KSTEP) / 2, kk % 2);
+                dst[((ct * ksteps + ks) * ROWS + p) * KSTEP + 2 * x + t] =
+                    tab[wb[base + kk * inner] as usize];
+            }
+        }
+    }
+}
+
+/// `out = lhs · decode(w) · scale` on tiles.
+///
+/// # Safety
+/// `U`'s instructions must be available on this CPU (and the OS grant held).
+pub(crate) unsafe fn gemm<U: TileUnit>(
+    par: &dyn Parallel,
+    lhs: &Lhs,
+    m: usize,
+    w: &Fp8Weights,
+    scale: WeightScale,
+    out: &mut [f32],
+) {
+    let (k, n) = (w.k, w.n());
+    let ksteps = k.div_ceil(KSTEP);
+    let row_tiles = m.div_ceil(2 * ROWS) * 2;
+    let mode = match lhs {
+        Lhs::F32 { bf16_ok: false, .. } => Mode::Split,
+        _ => Mode::Single,
+    };
+    let wtab = bf16_table(w.format);
+    let per_batch = w.outer * k * w.inner;
+    let workers = par.workers();
+    for b in 0..w.batch {
+        let a = pack_lhs(lhs, b, m, k, row_tiles, ksteps);
+        let wb = &w.data[b * per_batch..(b + 1) * per_batch];
+        let ranges = split_range(n, if workers > 1 { workers * 3 } else { 1 }, 2 * 16);
+        // Every task owns its columns of every output row of this batch.
+        let mut owned: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::new()).collect();
+        for mut row in out[b * m * n..(b + 1) * m * n].chunks_exact_mut(n) {
+            for (i, r) in ranges.iter().enumerate() {
+                let (piece, rest) = row.split_at_mut(r.len());
+                owned[i].push(piece);
+                row = rest;
+            }
+        }
+        let owned: Vec<Mutex<Vec<&mut [f32]>>> = owned.into_iter().map(Mutex::new).collect();
+        let col_scale = |c: usize| match scale {
+            WeightScale::PerTensor(s) => s,
+            WeightScale::PerChannel(s) => s[b * n + c],
+        };
+        par.run(ranges.len(), &|i| {
+            let cols = &ranges[i];
+            let mut rows = owned[i].lock().unwrap_or_else(|e| e.into_inner());
+            let mut unit = U::default();
+            let mut panel = Vec::new();
+            // SAFETY: the caller vouches for `U`; every tile pointer below covers 16 rows of 64
+            // bytes: A tiles and B tiles are whole (1 KiB) inside the packed buffers, C tiles
+            // inside the 32 x 32 scratch (row stride 128 bytes).
+            unsafe { unit.configure() };
+            for j0 in cols.clone().step_by(PANEL_COLS) {
+                let ncols = PANEL_COLS.min(cols.end - j0);
+                let col_tiles = ncols.div_ceil(32) * 2;
+                pack_weights(w, wb, &wtab, j0, col_tiles, ksteps, &mut panel);
+                for cp in (0..col_tiles).step_by(2) {
+                    let c_lo = j0 + 16 * cp;
+                    let c_n = (n - c_lo).min(32);
+                    let mut write = |r0: usize, r_n: usize, acc: &[[f32; 32]]| {
+                        for (r, acc) in acc.iter().enumerate().take(r_n) {
+                            let dst = &mut rows[r0 + r][c_lo - cols.start..][..c_n];
+                            for (x, d) in dst.iter_mut().enumerate() {
+                                *d = acc[x] * a.scale * col_scale(c_lo + x);
+                            }
+                        }
+                    };
+                    match mode {
+                        Mode::Single => {
+                            for rt in (0..row_tiles).step_by(2) {
+                                let r0 = rt * ROWS;
+                                if r0 >= m {
+                                    break;
+                                }
+                                // SAFETY: as above; the unit is configured.
+                                let acc = unsafe {
+                                    block_single(&mut unit, &a.hi, &panel, rt, cp, ksteps)
+                                };
+                                write(r0, (m - r0).min(2 * ROWS), &acc);
+                            }
+                        }
+                        Mode::Split => {
+                            for rt in 0..row_tiles {
+                                let r0 = rt * ROWS;
+                                if r0 >= m {
+                                    break;
+                                }
+                                // SAFETY: as above; the unit is configured.
+                                let acc =
+                                    unsafe { block_split(&mut unit, &a, &panel, rt, cp, ksteps) };
+                                write(r0, (m - r0).min(ROWS), &acc);
+                            }
+                        }
+                    }
+                }
+            }
+            // SAFETY: as above.
+            unsafe { unit.release() };
+        });
+    }
+}
+
+/// Address of tile `(t, ks)` in a packed buffer.
+fn tile(buf: &[u16], t: usize, ks: usize, ksteps: usize) -> *const u8 {
+    buf[(t * ksteps + ks) * ROWS * KSTEP..][..ROWS * KSTEP]
+        .as_ptr()
+        .cast()
+}
+
+/// 32 rows (A tiles `rt`, `rt + 1`) x 32 columns (B tiles `ct`, `ct + 1`) over every depth.
+///
+/// # Safety
+/// As for [`gemm`]; the unit is configured.
+unsafe fn block_single<U: TileUnit>(
+    u: &mut U,
+    a: &[u16],
+    b: &[u16],
+    rt: usize,
+    ct: usize,
+    ksteps: usize,
+) -> [[f32; 32]; 32] {
+    u.zero::<0>();
+    u.zero::<1>();
+    u.zero::<2>();
+    u.zero::<3>();
+    for ks in 0..ksteps {
+        u.load::<4>(tile(a, rt, ks, ksteps), ROW_BYTES);
+        u.load::<5>(tile(a, rt + 1, ks, ksteps), ROW_BYTES);
+        u.load::<6>(tile(b, ct, ks, ksteps), ROW_BYTES);
+        u.load::<7>(tile(b, ct + 1, ks, ksteps), ROW_BYTES);
+        u.dot::<0, 4, 6>();
+        u.dot::<1, 4, 7>();
+        u.dot::<2, 5, 6>();
+        u.dot::<3, 5, 7>();
+    }
+    let mut c = [[0f32; 32]; 32];
+    let p = c.as_mut_ptr().cast::<f32>();
+    const STRIDE: usize = 32 * 4;
+    u.store::<0>(p.cast(), STRIDE);
+    u.store::<1>(p.add(16).cast(), STRIDE);
+    u.store::<2>(p.add(16 * 32).cast(), STRIDE);
+    u.store::<3>(p.add(16 * 32 + 16).cast(), STRIDE);
+    c
+}
+
+/// 16 rows (A tile `rt`, hi and lo) x 32 columns: `hi + lo`, or `hi` alone where it is not
+/// finite (an infinite weight times a `lo` of 0 would turn the sum into NaN).
+///
+/// # Safety
+/// As for [`gemm`]; the unit is configured.
+unsafe fn block_split<U: TileUnit>(
+    u: &mut U,
+    a: &PackedLhs,
+    b: &[u16],
+    rt: usize,
+    ct: usize,
+    ksteps: usize,
+) -> [[f32; 32]; 16] {
+    u.zero::<0>();
+    u.zero::<1>();
+    u.zero::<2>();
+    u.zero::<3>();
+    for ks in 0..ksteps {
+        u.load::<4>(tile(&a.hi, rt, ks, ksteps), ROW_BYTES);
+        u.load::<5>(tile(&a.lo, rt, ks, ksteps), ROW_BYTES);
+        u.load::<6>(tile(b, ct, ks, ksteps), ROW_BYTES);
+        u.load::<7>(tile(b, ct + 1, ks, ksteps), ROW_BYTES);
+        u.dot::<0, 4, 6>();
+        u.dot::<1, 4, 7>();
+        u.dot::<2, 5, 6>();
+        u.dot::<3, 5, 7>();
+    }
+    let mut hi = [[0f32; 32]; 16];
+    let mut lo = [[0f32; 32]; 16];
+    const STRIDE: usize = 32 * 4;
+    let (ph, pl) = (hi.as_mut_ptr().cast::<f32>(), lo.as_mut_ptr().cast::<f32>());
+    u.store::<0>(ph.cast(), STRIDE);
+    u.store::<1>(ph.add(16).cast(), STRIDE);
+    u.store::<2>(pl.cast(), STRIDE);
+    u.store::<3>(pl.add(16).cast(), STRIDE);
+    for (h, l) in hi.iter_mut().zip(&lo) {
+        for (h, l) in h.iter_mut().zip(l) {
+            if h.is_finite() {
+                *h += l;
+            }
+        }
+    }
+    hi
+}
