@@ -305,7 +305,7 @@ const NK_PREFETCH_BYTES: usize = 4096;
 /// 16 FP8 codes at `p` as two vectors of 8 f32 (e4m3fn: times 2^-8).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
+pub(super) unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
     let b = _mm_loadu_si128(p as *const __m128i);
     let h = if E5 {
         _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(b))

@@ -27,6 +27,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod hw;
+mod pack;
 pub(crate) mod tiles;
 
 use super::{Fp8Weights, Kernels, Lhs, WeightScale};
@@ -149,42 +150,77 @@ struct PackedLhs {
     scale: f32,
 }
 
-fn pack_lhs(lhs: &Lhs, b: usize, m: usize, k: usize, row_tiles: usize, ksteps: usize) -> PackedLhs {
-    let len = row_tiles * ksteps * ROWS * KSTEP;
-    let at = |r: usize, kk: usize| {
-        ((r / ROWS * ksteps + kk / KSTEP) * ROWS + r % ROWS) * KSTEP + kk % KSTEP
+/// Packs the activations of batch `b`, one task per group of row tiles (each row tile is a
+/// contiguous piece of the packed buffers).
+fn pack_lhs(
+    par: &dyn Parallel,
+    lhs: &Lhs,
+    b: usize,
+    m: usize,
+    k: usize,
+    row_tiles: usize,
+    ksteps: usize,
+) -> PackedLhs {
+    let tile_len = ksteps * ROWS * KSTEP;
+    let split = matches!(lhs, Lhs::F32 { bf16_ok: false, .. });
+    let mut hi = vec![0u16; row_tiles * tile_len];
+    let mut lo = if split {
+        vec![0u16; row_tiles * tile_len]
+    } else {
+        Vec::new()
     };
-    let mut hi = vec![0u16; len];
-    let mut lo = Vec::new();
+    // The row tiles that hold real rows, in groups of about equal work.
+    let real_tiles = m.div_ceil(ROWS);
+    let groups = split_range(real_tiles, par.workers() * 2, 1);
+    let mut hi_parts: Vec<&mut [u16]> = Vec::new();
+    let mut lo_parts: Vec<&mut [u16]> = Vec::new();
+    let (mut hi_rest, mut lo_rest) = (&mut hi[..], &mut lo[..]);
+    for g in &groups {
+        let (h, t) = hi_rest.split_at_mut(g.len() * tile_len);
+        hi_parts.push(h);
+        hi_rest = t;
+        if split {
+            let (l, t) = lo_rest.split_at_mut(g.len() * tile_len);
+            lo_parts.push(l);
+            lo_rest = t;
+        }
+    }
+    let hi_parts: Vec<Mutex<&mut [u16]>> = hi_parts.into_iter().map(Mutex::new).collect();
+    let lo_parts: Vec<Mutex<&mut [u16]>> = lo_parts.into_iter().map(Mutex::new).collect();
+    par.run(groups.len(), &|gi| {
+        let tiles = &groups[gi];
+        let mut hi = hi_parts[gi].lock().unwrap_or_else(|e| e.into_inner());
+        let mut lo_guard = lo_parts
+            .get(gi)
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut row_hi = vec![0u16; k];
+        let mut row_lo = vec![0u16; if split { k } else { 0 }];
+        for r in tiles.start * ROWS..(tiles.end * ROWS).min(m) {
+            let src = (b * m + r) * k..(b * m + r + 1) * k;
+            match *lhs {
+                Lhs::Fp8 { codes, format, .. } => {
+                    pack::codes_to_bf16(format, &codes[src], &mut row_hi)
+                }
+                Lhs::F32 { values, .. } => {
+                    pack::f32_to_bf16(&values[src], &mut row_hi, split.then_some(&mut row_lo[..]))
+                }
+            }
+            // Offset of (row r, depth 0) inside this group's piece; each 32 depths are a row
+            // of the next tile.
+            let base = ((r / ROWS - tiles.start) * ksteps * ROWS + r % ROWS) * KSTEP;
+            for ks in 0..ksteps {
+                let (k0, k1) = (ks * KSTEP, (ks * KSTEP + KSTEP).min(k));
+                let at = base + ks * ROWS * KSTEP;
+                hi[at..at + (k1 - k0)].copy_from_slice(&row_hi[k0..k1]);
+                if let Some(lo) = lo_guard.as_mut() {
+                    lo[at..at + (k1 - k0)].copy_from_slice(&row_lo[k0..k1]);
+                }
+            }
+        }
+    });
     let scale = match *lhs {
-        Lhs::Fp8 {
-            codes,
-            format,
-            scale,
-        } => {
-            let tab = bf16_table(format);
-            for r in 0..m {
-                for (kk, &q) in codes[(b * m + r) * k..][..k].iter().enumerate() {
-                    hi[at(r, kk)] = tab[q as usize];
-                }
-            }
-            scale
-        }
-        Lhs::F32 { values, bf16_ok } => {
-            if !bf16_ok {
-                lo = vec![0u16; len];
-            }
-            for r in 0..m {
-                for (kk, &x) in values[(b * m + r) * k..][..k].iter().enumerate() {
-                    let h = bf16::from_f32(x);
-                    hi[at(r, kk)] = h.to_bits();
-                    if !bf16_ok {
-                        lo[at(r, kk)] = bf16::from_f32(x - h.to_f32()).to_bits();
-                    }
-                }
-            }
-            1.0
-        }
+        Lhs::Fp8 { scale, .. } => scale,
+        Lhs::F32 { .. } => 1.0,
     };
     PackedLhs { hi, lo, scale }
 }
@@ -192,29 +228,82 @@ fn pack_lhs(lhs: &Lhs, b: usize, m: usize, k: usize, row_tiles: usize, ksteps: u
 /// Packs the weights of columns `j0..j0 + 16 * col_tiles` (those `>= n` as zeros) of one batch
 /// into B tiles: tile `(ct, ks)` at `((ct * ksteps + ks) * 16 + p) * 32 + 2x + t` holds depth
 /// `32 ks + 2p + t` of column `j0 + 16 ct + x`.
+///
+/// The source is read in its own order, so the reads stream and convert a run at a time:
+/// NK weights (each column's depths contiguous) column by column, KN weights (each depth's
+/// columns contiguous) depth by depth over the whole panel.
 fn pack_weights(
     w: &Fp8Weights,
     wb: &[u8],
-    tab: &[u16; 256],
     j0: usize,
     col_tiles: usize,
     ksteps: usize,
     dst: &mut Vec<u16>,
+    run: &mut Vec<u16>,
 ) {
     let (k, inner, n) = (w.k, w.inner, w.n());
-    dst.clear();
-    dst.resize(col_tiles * ksteps * ROWS * KSTEP, 0);
-    for ct in 0..col_tiles {
-        for x in 0..16 {
-            let col = j0 + 16 * ct + x;
-            if col >= n {
-                continue;
+    let tile_len = ROWS * KSTEP;
+    let c_end = (j0 + 16 * col_tiles).min(n);
+    let cols = c_end - j0;
+    // Every value is written below except the padding (depths past k, columns past n), so
+    // only a panel with padding needs zeroing first.
+    if k % KSTEP != 0 || cols < 16 * col_tiles {
+        dst.clear();
+    }
+    dst.resize(col_tiles * ksteps * tile_len, 0);
+    let i0 = j0 % inner;
+    if inner > 1 && i0 + cols <= inner {
+        // All columns of the panel in one KN slab: each depth is a contiguous run. Two depths
+        // (2p, 2p+1) make one tile row per 16 columns, interleaved.
+        run.resize(2 * cols, 0);
+        let base = (j0 / inner) * k * inner + i0;
+        for kk in (0..k).step_by(2) {
+            let (r0, r1) = run.split_at_mut(cols);
+            pack::codes_to_bf16(w.format, &wb[base + kk * inner..][..cols], r0);
+            if kk + 1 < k {
+                pack::codes_to_bf16(w.format, &wb[base + (kk + 1) * inner..][..cols], r1);
+            } else {
+                r1.fill(0);
             }
-            let base = (col / inner) * k * inner + col % inner;
-            for kk in 0..k {
-                let (ks, p, t) = (kk / KSTEP, (kk % KSTEP) / 2, kk % 2);
-                dst[((ct * ksteps + ks) * ROWS + p) * KSTEP + 2 * x + t] =
-                    tab[wb[base + kk * inner] as usize];
+            let (ks, p) = (kk / KSTEP, (kk % KSTEP) / 2);
+            for ct in 0..cols.div_ceil(16) {
+                let row = ((ct * ksteps + ks) * ROWS + p) * KSTEP;
+                let (c0, c1) = (16 * ct, (16 * ct + 16).min(cols));
+                let pairs = dst[row..row + 2 * (c1 - c0)].chunks_exact_mut(2);
+                for ((d, &a), &b) in pairs.zip(&r0[c0..c1]).zip(&r1[c0..c1]) {
+                    d[0] = a;
+                    d[1] = b;
+                }
+            }
+        }
+        return;
+    }
+    // Column by column: NK weights (contiguous depths), or KN panels that straddle slabs.
+    run.resize(k, 0);
+    let tab = if inner == 1 {
+        None
+    } else {
+        Some(bf16_table(w.format))
+    };
+    for col in j0..c_end {
+        let (ct, x) = ((col - j0) / 16, (col - j0) % 16);
+        let base = (col / inner) * k * inner + col % inner;
+        match &tab {
+            None => pack::codes_to_bf16(w.format, &wb[base..base + k], run),
+            Some(tab) => {
+                for (kk, v) in run.iter_mut().enumerate() {
+                    *v = tab[wb[base + kk * inner] as usize];
+                }
+            }
+        }
+        for (ks, depths) in run.chunks(KSTEP).enumerate() {
+            let tile = &mut dst[(ct * ksteps + ks) * tile_len..][..tile_len];
+            for (p, pair) in depths.chunks(2).enumerate() {
+                let at = p * KSTEP + 2 * x;
+                tile[at] = pair[0];
+                if let Some(&second) = pair.get(1) {
+                    tile[at + 1] = second;
+                }
             }
         }
     }
@@ -239,11 +328,10 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
         Lhs::F32 { bf16_ok: false, .. } => Mode::Split,
         _ => Mode::Single,
     };
-    let wtab = bf16_table(w.format);
     let per_batch = w.outer * k * w.inner;
     let workers = par.workers();
     for b in 0..w.batch {
-        let a = pack_lhs(lhs, b, m, k, row_tiles, ksteps);
+        let a = pack_lhs(par, lhs, b, m, k, row_tiles, ksteps);
         let wb = &w.data[b * per_batch..(b + 1) * per_batch];
         let ranges = split_range(n, if workers > 1 { workers * 3 } else { 1 }, 2 * 16);
         // Every task owns its columns of every output row of this batch.
@@ -265,6 +353,8 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
             let mut rows = owned[i].lock().unwrap_or_else(|e| e.into_inner());
             let mut unit = U::default();
             let mut panel = Vec::new();
+            let mut run = Vec::new();
+            let mut scratch = [[0f32; 32]; 2 * ROWS];
             // SAFETY: the caller vouches for `U`; every tile pointer below covers 16 rows of 64
             // bytes: A tiles and B tiles are whole (1 KiB) inside the packed buffers, C tiles
             // inside the 32 x 32 scratch (row stride 128 bytes).
@@ -272,15 +362,19 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
             for j0 in cols.clone().step_by(PANEL_COLS) {
                 let ncols = PANEL_COLS.min(cols.end - j0);
                 let col_tiles = ncols.div_ceil(32) * 2;
-                pack_weights(w, wb, &wtab, j0, col_tiles, ksteps, &mut panel);
+                pack_weights(w, wb, j0, col_tiles, ksteps, &mut panel, &mut run);
                 for cp in (0..col_tiles).step_by(2) {
                     let c_lo = j0 + 16 * cp;
                     let c_n = (n - c_lo).min(32);
+                    let mut factor = [0f32; 32];
+                    for (x, f) in factor.iter_mut().enumerate().take(c_n) {
+                        *f = a.scale * col_scale(c_lo + x);
+                    }
                     let mut write = |r0: usize, r_n: usize, acc: &[[f32; 32]]| {
                         for (r, acc) in acc.iter().enumerate().take(r_n) {
                             let dst = &mut rows[r0 + r][c_lo - cols.start..][..c_n];
-                            for (x, d) in dst.iter_mut().enumerate() {
-                                *d = acc[x] * a.scale * col_scale(c_lo + x);
+                            for ((d, v), f) in dst.iter_mut().zip(acc).zip(&factor) {
+                                *d = v * f;
                             }
                         }
                     };
@@ -292,10 +386,18 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
                                     break;
                                 }
                                 // SAFETY: as above; the unit is configured.
-                                let acc = unsafe {
-                                    block_single(&mut unit, &a.hi, &panel, rt, cp, ksteps)
+                                unsafe {
+                                    block_single(
+                                        &mut unit,
+                                        &a.hi,
+                                        &panel,
+                                        rt,
+                                        cp,
+                                        ksteps,
+                                        &mut scratch,
+                                    )
                                 };
-                                write(r0, (m - r0).min(2 * ROWS), &acc);
+                                write(r0, (m - r0).min(2 * ROWS), &scratch);
                             }
                         }
                         Mode::Split => {
@@ -305,9 +407,10 @@ pub(crate) unsafe fn gemm<U: TileUnit>(
                                     break;
                                 }
                                 // SAFETY: as above; the unit is configured.
-                                let acc =
-                                    unsafe { block_split(&mut unit, &a, &panel, rt, cp, ksteps) };
-                                write(r0, (m - r0).min(ROWS), &acc);
+                                unsafe {
+                                    block_split(&mut unit, &a, &panel, rt, cp, ksteps, &mut scratch)
+                                };
+                                write(r0, (m - r0).min(ROWS), &scratch[..ROWS]);
                             }
                         }
                     }
@@ -337,7 +440,8 @@ unsafe fn block_single<U: TileUnit>(
     rt: usize,
     ct: usize,
     ksteps: usize,
-) -> [[f32; 32]; 32] {
+    c: &mut [[f32; 32]; 2 * ROWS],
+) {
     u.zero::<0>();
     u.zero::<1>();
     u.zero::<2>();
@@ -352,14 +456,12 @@ unsafe fn block_single<U: TileUnit>(
         u.dot::<2, 5, 6>();
         u.dot::<3, 5, 7>();
     }
-    let mut c = [[0f32; 32]; 32];
     let p = c.as_mut_ptr().cast::<f32>();
     const STRIDE: usize = 32 * 4;
     u.store::<0>(p.cast(), STRIDE);
     u.store::<1>(p.add(16).cast(), STRIDE);
     u.store::<2>(p.add(16 * 32).cast(), STRIDE);
     u.store::<3>(p.add(16 * 32 + 16).cast(), STRIDE);
-    c
 }
 
 /// 16 rows (A tile `rt`, hi and lo) x 32 columns: `hi + lo`, or `hi` alone where it is not
@@ -374,7 +476,8 @@ unsafe fn block_split<U: TileUnit>(
     rt: usize,
     ct: usize,
     ksteps: usize,
-) -> [[f32; 32]; 16] {
+    c: &mut [[f32; 32]; 2 * ROWS],
+) {
     u.zero::<0>();
     u.zero::<1>();
     u.zero::<2>();
@@ -389,20 +492,19 @@ unsafe fn block_split<U: TileUnit>(
         u.dot::<2, 5, 6>();
         u.dot::<3, 5, 7>();
     }
-    let mut hi = [[0f32; 32]; 16];
-    let mut lo = [[0f32; 32]; 16];
+    // hi in rows 0..16 of the scratch, lo in rows 16..32.
+    let p = c.as_mut_ptr().cast::<f32>();
     const STRIDE: usize = 32 * 4;
-    let (ph, pl) = (hi.as_mut_ptr().cast::<f32>(), lo.as_mut_ptr().cast::<f32>());
-    u.store::<0>(ph.cast(), STRIDE);
-    u.store::<1>(ph.add(16).cast(), STRIDE);
-    u.store::<2>(pl.cast(), STRIDE);
-    u.store::<3>(pl.add(16).cast(), STRIDE);
-    for (h, l) in hi.iter_mut().zip(&lo) {
+    u.store::<0>(p.cast(), STRIDE);
+    u.store::<1>(p.add(16).cast(), STRIDE);
+    u.store::<2>(p.add(16 * 32).cast(), STRIDE);
+    u.store::<3>(p.add(16 * 32 + 16).cast(), STRIDE);
+    let (hi, lo) = c.split_at_mut(ROWS);
+    for (h, l) in hi.iter_mut().zip(lo.iter()) {
         for (h, l) in h.iter_mut().zip(l) {
             if h.is_finite() {
                 *h += l;
             }
         }
     }
-    hi
 }
