@@ -1,5 +1,6 @@
 """End-to-end benchmark: Gemma 3 270M in float32 Keras, fp8xla's FP8 variants, Intel Neural
-Compressor's FP8 and Keras' int8, on speed, memory and quality.
+Compressor's FP8, Keras' int8 and llama.cpp (Q8_0, F32), on speed, memory and quality, and
+decode's share of the machine's memory bandwidth.
 
     fp8xla bench [--contenders a,b] [--reps 5] [--out bench-results] [--quick]
     python benches/e2e.py ...                     (the same, without the installed CLI)
@@ -9,17 +10,21 @@ how): prefill tokens/s, decode tokens/s, peak RSS, GPL-3 perplexity and top-1 ag
 float32. Quantized contenders are built and saved by a preparation process and loaded fresh by
 the measuring process, so that the peak RSS is the deployed model's. The measuring processes
 stay loaded together and take their decode repetitions in rounds, one of each contender per
-round (``run_contenders``). The results go to OUT/results.json, OUT/results.md and
-OUT/results.png; a contender that cannot run is reported there as skipped or failed, with the
-reason.
+round (``run_contenders``); at the start of each round the memory bandwidth probe
+(e2e_bandwidth.py) runs in a process of its own. The results go to OUT/results.json,
+OUT/results.md and OUT/results.png; a contender that cannot run is reported there as skipped
+or failed, with the reason.
 
 Results layout (results.json): ``machine``, ``versions``, ``settings``, ``load_average``
-(start/end), ``targets`` and ``contenders``, a list of ``{key, label, status ("ok" | "skipped"
-| "failed"), reason, prepare, measure, load_average {before, after}, other_cpu, top1_agreement,
-vs_float32 {prefill, decode, peak_rss}}``; ``prepare`` and ``measure`` are what the worker
-processes wrote; ``load_average`` (1/5/15 min, at the contender's first decode repetition and
-after its last) and ``other_cpu`` (the share of all cores that other processes used during its
-decode repetitions) say how busy the machine was while its decode was timed.
+(start/end), ``bandwidth`` ({median,min,max}_bytes_per_s, method, probes, errors; None if no
+round ran), ``targets`` and ``contenders``, a list of ``{key, label, status ("ok" | "skipped"
+| "failed"), reason, note (how an "ok" contender ran, if not as by default), prepare, measure,
+load_average {before, after}, other_cpu, top1_agreement, vs_float32 {prefill, decode,
+peak_rss}, memory_limit_share}``; ``prepare`` and ``measure`` are what the worker processes
+wrote (``measure.decode_bytes_per_token``: e2e_traffic.py); ``load_average`` (1/5/15 min, at
+the contender's first decode repetition and after its last) and ``other_cpu`` (the share of
+all cores that other processes used during its decode repetitions) say how busy the machine
+was while its decode was timed.
 """
 from __future__ import annotations
 

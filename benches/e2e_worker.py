@@ -21,6 +21,11 @@ read for each phase: loading, generating, scoring):
    of those calls is a timed prefill, tokens/s = (C + 1) / time. The predictions are saved for
    the top-1 agreement, which the driver computes against float32.
 
+The llama.cpp contenders (kind "llama-cpp", e2e_llama.py) are prepared without Keras (a GGUF
+and the token ids) and measured by ``measure_llama`` the same way: decode in the same rounds
+(timed greedy single-token steps after the prompt), then the GPL-3 chunks for prefill and
+quality. Every measurement also records the bytes one decode step reads (e2e_traffic.py).
+
 Every shape runs once untimed first (that call compiles): compile time is never timed.
 Decode gets ``reps`` timed repetitions, prefill one timed call per GPL-3 chunk.
 
@@ -298,11 +303,12 @@ class LlamaDecodeBench:
     after the prompt), with DecodeBench's interface: warmed up on creation, one timed
     repetition per ``rep()``."""
 
-    def __init__(self, llm, prompt_ids, s, out):
+    def __init__(self, llm, prompt_ids, s, out, decode=None):
         import e2e_llama
 
         self.llm, self.prompt, self.out = llm, prompt_ids, out
-        self.n, self.reps, self.decode = s["new_tokens"], s["reps"], e2e_llama.decode
+        self.n, self.reps = s["new_tokens"], s["reps"]
+        self.decode = decode or e2e_llama.decode  # (llm, prompt, n) -> (seconds, fed tokens)
         self.seconds, self.rates = [], []
         with Step(f"decode: warm up ({len(prompt_ids)}-token prompt, {self.n} steps)") as st:
             _, fed = self.decode(llm, prompt_ids, self.n)

@@ -101,8 +101,8 @@ def test_headline_has_every_contender_with_its_numbers(results):
     # a contender that runs another way than by default says so next to its name
     assert rows[4] == ("| llama.cpp Q8_0 (use_extra_bufts=False: a test prompt died of SIGSEGV) "
                        "| 110 | 30.0 | 400 | 1.10x / 3.00x / 0.40x | 20.500 | 90.0 % | 45 % |")
-    assert rows[5].startswith("| llama.cpp F32 (skipped: llama_cpp is not installed (pip install "
-                              "it)) | – | – |")
+    assert rows[5].startswith("| llama.cpp F32 (skipped: llama_cpp is not installed "
+                              "(pip install it)) | – | – |")
 
 
 def test_report_has_the_bandwidth_and_bytes_per_token(results):
