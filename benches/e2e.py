@@ -1,5 +1,6 @@
 """End-to-end benchmark: Gemma 3 270M in float32 Keras, fp8xla's FP8 variants, Intel Neural
-Compressor's FP8 and Keras' int8, on speed, memory and quality.
+Compressor's FP8, Keras' int8 and llama.cpp (Q8_0, F32), on speed, memory and quality, and
+decode's share of the machine's memory bandwidth.
 
     fp8xla bench [--contenders a,b] [--reps 5] [--out bench-results] [--quick]
     python benches/e2e.py ...                     (the same, without the installed CLI)
@@ -9,17 +10,21 @@ how): prefill tokens/s, decode tokens/s, peak RSS, GPL-3 perplexity and top-1 ag
 float32. Quantized contenders are built and saved by a preparation process and loaded fresh by
 the measuring process, so that the peak RSS is the deployed model's. The measuring processes
 stay loaded together and take their decode repetitions in rounds, one of each contender per
-round (``run_contenders``). The results go to OUT/results.json, OUT/results.md and
-OUT/results.png; a contender that cannot run is reported there as skipped or failed, with the
-reason.
+round (``run_contenders``); at the start of each round the memory bandwidth probe
+(e2e_bandwidth.py) runs in a process of its own. The results go to OUT/results.json,
+OUT/results.md and OUT/results.png; a contender that cannot run is reported there as skipped
+or failed, with the reason.
 
 Results layout (results.json): ``machine``, ``versions``, ``settings``, ``load_average``
-(start/end), ``targets`` and ``contenders``, a list of ``{key, label, status ("ok" | "skipped"
-| "failed"), reason, prepare, measure, load_average {before, after}, other_cpu, top1_agreement,
-vs_float32 {prefill, decode, peak_rss}}``; ``prepare`` and ``measure`` are what the worker
-processes wrote; ``load_average`` (1/5/15 min, at the contender's first decode repetition and
-after its last) and ``other_cpu`` (the share of all cores that other processes used during its
-decode repetitions) say how busy the machine was while its decode was timed.
+(start/end), ``bandwidth`` ({median,min,max}_bytes_per_s, method, probes, errors; None if no
+round ran), ``targets`` and ``contenders``, a list of ``{key, label, status ("ok" | "skipped"
+| "failed"), reason, note (how an "ok" contender ran, if not as by default), prepare, measure,
+load_average {before, after}, other_cpu, top1_agreement, vs_float32 {prefill, decode,
+peak_rss}, memory_limit_share}``; ``prepare`` and ``measure`` are what the worker processes
+wrote (``measure.decode_bytes_per_token``: e2e_traffic.py); ``load_average`` (1/5/15 min, at
+the contender's first decode repetition and after its last) and ``other_cpu`` (the share of
+all cores that other processes used during its decode repetitions) say how busy the machine
+was while its decode was timed.
 """
 from __future__ import annotations
 
@@ -57,12 +62,15 @@ class Settings:
     ppl_chunk_tokens: int = 511  # (of this + 1 tokens, with BOS)
     calib_max_length: int = 32
     text_path: str = GPL3_PATH
+    # The memory bandwidth probe's buffer (e2e_bandwidth.py), read once per decode round: far
+    # larger than any cache.
+    probe_gib: float = 1.0
 
     @classmethod
     def quick(cls, **kw):
         """Tiny settings for a smoke test of the machinery (numbers mean nothing)."""
         return cls(prompt_tokens=32, new_tokens=8, reps=1, ppl_chunks=2, ppl_chunk_tokens=31,
-                   calib_max_length=12, **kw)
+                   calib_max_length=12, probe_gib=0.25, **kw)
 
 
 class Progress:
@@ -125,7 +133,7 @@ def machine_info() -> dict:
 def versions() -> dict:
     out = {}
     for name in ("fp8xla", "jax", "jaxlib", "keras", "keras-hub", "numpy", "neural-compressor",
-                 "matplotlib"):
+                 "llama-cpp-python", "matplotlib"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -155,6 +163,50 @@ def run_worker(phase, contender, settings, work, report, timeout):
     it wrote, or a failure record if it wrote nothing."""
     report(f"{phase} ...")
     return WorkerProcess(phase, contender, asdict(settings), work, report).result(timeout)
+
+
+class BandwidthProbe:
+    """The memory bandwidth probe (e2e_bandwidth.py), run in a process of its own once per
+    decode round, so that its median covers the same minutes as the contenders' decode."""
+
+    def __init__(self, gib: float, timeout: float, run=None):
+        self.gib, self.timeout = gib, timeout
+        self.run_probe = run or self._run
+        self.probes, self.errors = [], []
+
+    def _run(self) -> dict:
+        import subprocess
+
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "e2e_bandwidth.py"),
+               "--gib", str(self.gib)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"the bandwidth probe exited with code {r.returncode}: "
+                               f"{r.stderr.strip()[-500:]}")
+        return json.loads(r.stdout)
+
+    def __call__(self) -> float | None:
+        """Runs the probe once; its best pass in bytes/s, or None if it failed (the error is
+        kept for the results)."""
+        try:
+            result = self.run_probe()
+        except Exception as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
+            return None
+        self.probes.append(result)
+        return result["best_bytes_per_s"]
+
+    def summary(self) -> dict | None:
+        if not self.probes and not self.errors:
+            return None
+        rates = sorted(p["best_bytes_per_s"] for p in self.probes)
+        n = len(rates)
+        median = None if not n else (rates[n // 2] if n % 2 else
+                                     0.5 * (rates[n // 2 - 1] + rates[n // 2]))
+        return {"median_bytes_per_s": median, "min_bytes_per_s": rates[0] if n else None,
+                "max_bytes_per_s": rates[-1] if n else None,
+                "method": self.probes[0]["method"] if n else None,
+                "probes": self.probes, "errors": self.errors}
 
 
 def _entry(contender) -> dict:
@@ -196,18 +248,19 @@ class _Repetitions:
             entry["other_cpu"] = min(1.0, self.other / (self.wall * (os.cpu_count() or 1)))
 
 
-def run_contenders(contenders, settings, work_root, progress, timeout) -> list:
+def run_contenders(contenders, settings, work_root, progress, timeout, probe=None) -> list:
     """Prepares every contender, then measures them together: each measuring worker is
     loaded and warmed up in turn and stays loaded; the decode repetitions run in rounds, one
     of each contender per round; then each worker scores (prefill and quality) and exits.
     Interleaving makes the decode ratios compare minutes of the same host state: a host's
     memory bandwidth drifts over minutes, and one contender measured in a slow stretch would
     otherwise lose to the others by that alone. ``progress(index, label, message)`` and
-    ``progress.note(message)`` show what happens; ``timeout`` bounds each step of a worker."""
+    ``progress.note(message)`` show what happens; ``timeout`` bounds each step of a worker.
+    ``probe()``, if given, runs at the start of every decode round (the bandwidth probe)."""
     entries = [_entry(c) for c in contenders]
     reports = [functools.partial(progress, i, c.label) for i, c in enumerate(contenders, 1)]
     for c, entry, report in zip(contenders, entries, reports):
-        missing = c.missing_requirement()
+        missing = c.missing_requirement(settings.model)
         if missing:
             entry.update(status="skipped", reason=missing)
             report(f"skipped: {missing}")
@@ -217,6 +270,8 @@ def run_contenders(contenders, settings, work_root, progress, timeout) -> list:
         if entry["prepare"]["status"] != "ok":
             entry.update(status="failed",
                          reason=f"preparation failed: {entry['prepare'].get('error')}")
+        elif entry["prepare"].get("note"):  # how it runs, e.g. llama.cpp without extra buffers
+            entry["note"] = entry["prepare"]["note"]
 
     def fail(entry, worker, error):
         entry["measure"] = worker.end(failed=str(error))
@@ -240,6 +295,10 @@ def run_contenders(contenders, settings, work_root, progress, timeout) -> list:
             if live:
                 progress.note(f"decode round {r}/{settings.reps}: one repetition of each of "
                               f"{len(live)} contenders")
+                if probe is not None:
+                    rate = probe()
+                    progress.note("memory bandwidth probe: " + (
+                        "failed" if rate is None else f"{rate / 1e9:.1f} GB/s"))
             for item in list(live):
                 worker, entry, reps = item
 
@@ -269,10 +328,18 @@ def run_contenders(contenders, settings, work_root, progress, timeout) -> list:
 
 
 def compare(results, work_root):
-    """Top-1 agreement and ratios against float32, and fp8xla's targets."""
+    """Top-1 agreement and ratios against float32, decode's share of the memory limit, and
+    fp8xla's targets."""
     import numpy as np
 
+    import e2e_traffic
+
     cs = results["contenders"]
+    bandwidth = e2e_report.bandwidth(results)
+    for c in cs:
+        if c["status"] == "ok":
+            c["memory_limit_share"] = e2e_traffic.memory_limit_share(
+                e2e_report.decode(c), e2e_report.bytes_per_token(c), bandwidth)
     base = next((c for c in cs if c["key"] == "float32" and c["status"] == "ok"), None)
     base_pred = None
     if base is not None:
@@ -315,7 +382,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="fp8xla bench",
         description="End-to-end benchmark of Gemma 3 270M: float32 Keras, fp8xla FP8, INC FP8, "
-                    "Keras int8 (tokens/s, peak RSS, GPL-3 perplexity). Takes minutes.")
+                    "Keras int8, llama.cpp Q8_0 and F32 (tokens/s, peak RSS, GPL-3 "
+                    "perplexity, decode's share of the memory bandwidth). Takes minutes.")
     ap.add_argument("--contenders", default=",".join(keys),
                     help=f"comma-separated subset of: {', '.join(keys)} (default: all)")
     ap.add_argument("--reps", type=int, help="timed repetitions per measurement (default 5; "
@@ -367,8 +435,10 @@ def main(argv=None) -> int:
         "load_average": {"start": list(os.getloadavg())},
         "contenders": [],
     }
+    probe = BandwidthProbe(settings.probe_gib, args.timeout)
     results["contenders"] = run_contenders(args.contenders, settings, work_root,
-                                           Progress(len(args.contenders)), args.timeout)
+                                           Progress(len(args.contenders)), args.timeout, probe)
+    results["bandwidth"] = probe.summary()
     compare(results, work_root)
     results["load_average"]["end"] = list(os.getloadavg())
     results["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

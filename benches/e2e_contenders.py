@@ -4,6 +4,8 @@ Every contender is measured as it would be deployed: a preparation process build
 float32 model and saves it as a Keras-Hub preset, and the measuring process loads that preset
 fresh, so its peak RSS holds only the deployed model, never the float32 model it was made from.
 For float32 Keras, preparing only loads the model once (converting and caching it if needed).
+The llama.cpp contenders (benches/e2e_llama.py) are prepared and measured their own way: a
+GGUF instead of a preset, and a measuring process that holds llama.cpp only.
 
 Heavy imports (JAX, Keras) happen inside the functions: the driver imports this module only
 for the names and the availability checks, the workers (benches/e2e_worker.py) for the rest.
@@ -16,13 +18,19 @@ from dataclasses import dataclass, field
 
 #: What installs the optional Intel Neural Compressor contender.
 INC_INSTALL_HINT = "pip install -r python_shim/requirements-inc.txt, or pip install 'fp8xla[inc]'"
+#: What installs the optional llama.cpp contenders (e2e_llama.INSTALL_HINT says the same; this
+#: module is imported without e2e_llama's numpy).
+LLAMA_INSTALL_HINT = ("CMAKE_ARGS=\"-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF\" pip install -r "
+                      "python_shim/requirements-llama.txt (builds llama.cpp from source)")
+#: The one model the llama.cpp contenders can run: they quantize the GGUF it comes from.
+LLAMA_MODEL = "gemma3_270m"
 
 
 @dataclass(frozen=True)
 class Contender:
     key: str
     label: str
-    kind: str  # "float32" | "fp8xla" | "keras-int8" | "inc"
+    kind: str  # "float32" | "fp8xla" | "keras-int8" | "inc" | "llama-cpp"
     config: dict = field(default_factory=dict)  # quantization settings of the kind
     requires: str | None = None  # a module that must be importable, else the contender is skipped
     install_hint: str = ""
@@ -34,10 +42,13 @@ class Contender:
         its measured loading never includes a first-time conversion)."""
         return self.kind != "float32"
 
-    def missing_requirement(self) -> str | None:
-        """Why this contender cannot run in this Python environment, or None."""
+    def missing_requirement(self, model: str | None = None) -> str | None:
+        """Why this contender cannot run in this Python environment (or on ``model``, the
+        benchmark's model), or None."""
         if self.requires and importlib.util.find_spec(self.requires) is None:
             return f"{self.requires} is not installed ({self.install_hint})"
+        if self.kind == "llama-cpp" and model is not None and model != LLAMA_MODEL:
+            return f"llama.cpp runs the GGUF of the default model {LLAMA_MODEL} only, not {model}"
         return None
 
 
@@ -54,6 +65,11 @@ CONTENDERS = [
               {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3"},
               requires="neural_compressor", install_hint=INC_INSTALL_HINT),
     Contender("keras-int8", "Keras int8 (model.quantize)", "keras-int8"),
+    # llama.cpp on the GGUF the default model comes from (benches/e2e_llama.py)
+    Contender("llama-cpp-q8_0", "llama.cpp Q8_0", "llama-cpp", {"ftype": "q8_0"},
+              requires="llama_cpp", install_hint=LLAMA_INSTALL_HINT),
+    Contender("llama-cpp-f32", "llama.cpp F32", "llama-cpp", {"ftype": "f32"},
+              requires="llama_cpp", install_hint=LLAMA_INSTALL_HINT),
 ]
 
 BY_KEY = {c.key: c for c in CONTENDERS}

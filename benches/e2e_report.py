@@ -81,9 +81,19 @@ def rss_after_generate(c):
     return (_memory(c).get("generate") or {}).get("rss")
 
 
+def bytes_per_token(c):
+    """Bytes a decode step of the contender reads (e2e_traffic.py says how they are counted)."""
+    return ((c.get("measure") or {}).get("decode_bytes_per_token") or {}).get("total")
+
+
+def bandwidth(results):
+    """The memory bandwidth probe's median over the decode rounds (bytes/s), or None."""
+    return (results.get("bandwidth") or {}).get("median_bytes_per_s")
+
+
 def status_text(c) -> str:
     if c["status"] == "ok":
-        return "ok"
+        return f"ok ({c['note']})" if c.get("note") else "ok"
     return f"{c['status']}: {c.get('reason') or 'no reason recorded'}"
 
 
@@ -113,6 +123,15 @@ def _pct(v):
     return "–" if v is None else f"{100 * v:.1f} %"
 
 
+def _share(c):
+    v = c.get("memory_limit_share")
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
+def _mb(b):
+    return "–" if b is None else f"{b / 1e6:.0f}"
+
+
 def _load(c):
     """1-minute load average at the contender's first decode repetition → after its last, and
     the share of all cores that other processes used during its repetitions."""
@@ -131,8 +150,8 @@ def table(results: dict) -> str:
     rows = [
         "| contender | prefill tokens/s | decode tokens/s | peak RSS MiB | RSS after generate "
         "MiB | vs float32: prefill / decode / peak RSS | GPL-3 perplexity | top-1 agreement | "
-        "load avg (1 min), others' CPU | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MB read per token | decode / memory limit | load avg (1 min), others' CPU | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["contenders"]:
         m = c.get("measure") or {}
@@ -145,7 +164,7 @@ def table(results: dict) -> str:
             f"{_rate(c, 'decode_tokens_per_s', decode(c))} | {_mib(peak_rss(c))} | "
             f"{_mib(rss_after_generate(c))} | {ratios} | "
             f"{'–' if ppl is None else f'{ppl:.3f}'} | {_pct(c.get('top1_agreement'))} | "
-            f"{_load(c)} | {status_text(c)} |")
+            f"{_mb(bytes_per_token(c))} | {_share(c)} | {_load(c)} | {status_text(c)} |")
     return "\n".join(rows)
 
 
@@ -193,11 +212,31 @@ def markdown(results: dict) -> str:
         f"agreement with float32: GPL-3, {s['ppl_chunks']} chunks of {s['ppl_chunk_tokens']} "
         "tokens.",
         "",
+        bandwidth_text(results),
+        "",
         table(results),
     ]
     if results.get("targets"):
         lines += ["", "Targets (fp8xla against float32 Keras):", "", targets_table(results)]
     return "\n".join(lines) + "\n"
+
+
+def bandwidth_text(results: dict) -> str:
+    """What the memory bandwidth probe measured and how decode's share of it is computed."""
+    b = results.get("bandwidth") or {}
+    s = results["settings"]
+    how = ("Decode / memory limit = decode tokens/s x bytes read per token / probe bandwidth; "
+           "bytes per token = every weight the deployed model holds, in its own format (the "
+           "tied embedding counts once: the logits read it whole) + the KV cache at the mean "
+           f"context of the measured steps ({s['prompt_tokens']} + {s['new_tokens']}/2 "
+           "positions; float32 for Keras, f16 for llama.cpp); see benches/e2e_traffic.py.")
+    if b.get("median_bytes_per_s") is None:
+        why = "; ".join(b.get("errors") or []) or "not run"
+        return f"Memory bandwidth probe: no result ({why}). {how}"
+    n = len(b.get("probes") or [])
+    return (f"Memory bandwidth probe ({b['method']}, once per decode round): "
+            f"{b['median_bytes_per_s'] / 1e9:.1f} GB/s, median of {n} "
+            f"({b['min_bytes_per_s'] / 1e9:.1f}–{b['max_bytes_per_s'] / 1e9:.1f}). {how}")
 
 
 def _triple(v):
@@ -275,23 +314,35 @@ def headline(results: dict) -> str:
         f"(fp8xla kernels: {m.get('fp8xla_kernels', '?')}); {versions}. Decode: "
         f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, median of "
         f"{s['reps']}; prefill: {s['ppl_chunk_tokens'] + 1} tokens, median of "
-        f"{s['ppl_chunks']} chunks.",
+        f"{s['ppl_chunks']} chunks.{_headline_bandwidth(results)}",
         "",
         "| contender | prefill tokens/s | decode tokens/s | peak RSS MiB | vs float32: prefill "
-        "/ decode / peak RSS | GPL-3 perplexity | top-1 agreement |",
-        "|---|---|---|---|---|---|---|",
+        "/ decode / peak RSS | GPL-3 perplexity | top-1 agreement | decode / memory limit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in results["contenders"]:
         v = c.get("vs_float32") or {}
-        label = c["label"] if c["status"] == "ok" else f"{c['label']} ({status_text(c)})"
+        label = c["label"] if status_text(c) == "ok" else \
+            f"{c['label']} ({c['note']})" if c["status"] == "ok" else \
+            f"{c['label']} ({status_text(c)})"
         p, d, ppl = prefill(c), decode(c), (c.get("measure") or {}).get("perplexity")
         ratios = " / ".join(_x(v.get(k)) for k in ("prefill", "decode", "peak_rss")) \
             if v else "–"
         lines.append(
             f"| {label} | {'–' if p is None else f'{p:.0f}'} | "
             f"{'–' if d is None else f'{d:.1f}'} | {_mib(peak_rss(c))} | {ratios} | "
-            f"{'–' if ppl is None else f'{ppl:.3f}'} | {_pct(c.get('top1_agreement'))} |")
+            f"{'–' if ppl is None else f'{ppl:.3f}'} | {_pct(c.get('top1_agreement'))} | "
+            f"{_share(c)} |")
     return "\n".join(lines)
+
+
+def _headline_bandwidth(results) -> str:
+    bw = bandwidth(results)
+    if bw is None:
+        return ""
+    return (f" Memory limit: decode tokens/s x bytes read per token / {bw / 1e9:.1f} GB/s "
+            "(a read-only stream on every core, same run; docs/benchmarks.md says how bytes "
+            "are counted).")
 
 
 #: The documents holding a generated block: path in the checkout, block name, writer.

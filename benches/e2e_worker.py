@@ -21,6 +21,11 @@ read for each phase: loading, generating, scoring):
    of those calls is a timed prefill, tokens/s = (C + 1) / time. The predictions are saved for
    the top-1 agreement, which the driver computes against float32.
 
+The llama.cpp contenders (kind "llama-cpp", e2e_llama.py) are prepared without Keras (a GGUF
+and the token ids) and measured by ``measure_llama`` the same way: decode in the same rounds
+(timed greedy single-token steps after the prompt), then the GPL-3 chunks for prefill and
+quality. Every measurement also records the bytes one decode step reads (e2e_traffic.py).
+
 Every shape runs once untimed first (that call compiles): compile time is never timed.
 Decode gets ``reps`` timed repetitions, prefill one timed call per GPL-3 chunk.
 
@@ -203,18 +208,17 @@ def serve_decode(bench: DecodeBench) -> None:
         event("rep", tokens_per_s=None if rate != rate else rate)
 
 
-def measure_prefill_and_quality(model, bos, s, out, work):
+def measure_prefill_and_quality(logits_fn, tokenizer, bos, s, out, work):
     """Prefill tokens/s and the GPL-3 protocol in one go: every chunk of the protocol is one
     forward pass over [1, chunk + 1] tokens, which is the prefill, so each call is timed (after
-    one untimed call that compiles) instead of running separate prefill repetitions."""
+    one untimed call that compiles) instead of running separate prefill repetitions.
+    ``logits_fn(token_ids, padding_mask)`` is the contender's forward pass, ``tokenizer`` the
+    one whose ids it takes."""
     import numpy as np
     from fp8xla import perplexity
 
-    # Keras' way to score text; an fp8xla model runs its FP8 graph there (even when loaded
-    # from an FP8 preset, see fp8xla.saving)
-    logits_fn = perplexity.keras_logits_fn(model)
     p = s["ppl_chunk_tokens"] + 1
-    chunk = perplexity.gpl3_token_chunks(model.preprocessor.tokenizer, s["text_path"], 1, p - 1)
+    chunk = perplexity.gpl3_token_chunks(tokenizer, s["text_path"], 1, p - 1)
     ids = np.concatenate([[[bos]], chunk], axis=1).astype(np.int32)
     with Step(f"prefill: compile and warm up [1, {p}]") as st:
         logits_fn(ids, np.ones_like(ids))
@@ -231,8 +235,8 @@ def measure_prefill_and_quality(model, bos, s, out, work):
         return logits
 
     with Step(f"GPL-3 perplexity ({s['ppl_chunks']} x {s['ppl_chunk_tokens']} tokens)"):
-        r = perplexity.gpl3_perplexity(model, logits_fn=timed, path=s["text_path"],
-                                       num_chunks=s["ppl_chunks"],
+        r = perplexity.gpl3_perplexity(logits_fn=timed, tokenizer=tokenizer, bos_id=bos,
+                                       path=s["text_path"], num_chunks=s["ppl_chunks"],
                                        chunk_tokens=s["ppl_chunk_tokens"])
     np.save(os.path.join(work, "predictions.npy"), r.predictions)
     out["prefill_tokens"] = p
@@ -245,6 +249,8 @@ def measure_prefill_and_quality(model, bos, s, out, work):
 
 
 def measure(contender, s, work, serve=False) -> dict:
+    if contender.kind == "llama-cpp":
+        return measure_llama(contender, s, work, serve)
     import fp8xla
     import fp8xla.keras  # noqa: F401  (JAX, Keras and Keras-Hub: the runtime every one needs)
     import fp8xla.models  # noqa: F401
@@ -272,12 +278,115 @@ def measure(contender, s, work, serve=False) -> dict:
     bench.summarize()
     mem["generate"] = memory()
     reset_peak()
-    measure_prefill_and_quality(model, bos, s, out, work)
+    out["decode_bytes_per_token"] = keras_decode_bytes(model, s)
+    # Keras' way to score text; an fp8xla model runs its FP8 graph there (even when loaded
+    # from an FP8 preset, see fp8xla.saving)
+    measure_prefill_and_quality(perplexity.keras_logits_fn(model), tokenizer, bos, s, out, work)
+    mem["score"] = memory()
+    return out
+
+
+def keras_decode_bytes(model, s) -> dict:
+    """What a decode step of a Keras-Hub model reads (e2e_traffic says how it is counted)."""
+    import e2e_traffic
+
+    try:
+        return e2e_traffic.decode_bytes_per_token(
+            e2e_traffic.keras_weight_bytes(model), e2e_traffic.keras_kv_bytes_per_position(model),
+            s["prompt_tokens"], s["new_tokens"])
+    except Exception as e:  # the decode numbers stand without it; the report shows why not
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+class LlamaDecodeBench:
+    """Decode tokens/s of llama.cpp (e2e_llama.decode: N timed greedy single-token steps
+    after the prompt), with DecodeBench's interface: warmed up on creation, one timed
+    repetition per ``rep()``."""
+
+    def __init__(self, llm, prompt_ids, s, out, decode=None):
+        import e2e_llama
+
+        self.llm, self.prompt, self.out = llm, prompt_ids, out
+        self.n, self.reps = s["new_tokens"], s["reps"]
+        self.decode = decode or e2e_llama.decode  # (llm, prompt, n) -> (seconds, fed tokens)
+        self.seconds, self.rates = [], []
+        with Step(f"decode: warm up ({len(prompt_ids)}-token prompt, {self.n} steps)") as st:
+            _, fed = self.decode(llm, prompt_ids, self.n)
+        out["decode_warmup_seconds"] = st.seconds
+        out["continuation_ids"] = fed[:16]
+
+    def rep(self) -> float:
+        with Step(f"decode rep {len(self.rates) + 1}/{self.reps}"):
+            seconds, _ = self.decode(self.llm, self.prompt, self.n)
+        self.seconds.append(seconds)
+        self.rates.append(self.n / seconds if seconds > 0 else float("nan"))
+        return self.rates[-1]
+
+    def summarize(self) -> None:
+        self.out["generate_seconds"] = stats(self.seconds)  # the N decode steps alone
+        self.out["decode_tokens_per_s"] = stats(self.rates)
+
+
+def measure_llama(contender, s, work, serve=False) -> dict:
+    """The llama.cpp contender (e2e_llama.py says how it is measured). Until generation is
+    over the process holds llama.cpp, numpy and the token ids only, so its peak RSS is
+    llama.cpp's; scoring then imports fp8xla.perplexity (and with it JAX) for the protocol."""
+    import gc
+
+    import numpy as np
+
+    import e2e_llama
+    import e2e_traffic
+
+    import llama_cpp  # loaded before the baseline, as the Keras runtime is
+
+    reset_peak()
+    mem = {"baseline": memory()}
+    with open(os.path.join(work, "prepare.json")) as f:
+        prep = json.load(f)
+    preset = os.path.join(work, "preset")
+    gguf = os.path.join(preset, e2e_llama.GGUF_NAME)
+    tokenizer = e2e_llama.SavedTokenization(os.path.join(preset, e2e_llama.TOKENS_NAME))
+    extra = bool(prep.get("use_extra_bufts", True))
+    p, n = s["prompt_tokens"], s["new_tokens"]
+    out = {"memory": mem, "isa": e2e_llama.system_info(),
+           "llama_cpp": {"version": llama_cpp.__version__, "ftype": prep.get("ftype"),
+                         "use_extra_bufts": extra, "threads": os.cpu_count(),
+                         "kv_cache": "f16", "flash_attn": False}}
+    with Step("load") as st:
+        llm = e2e_llama.load(gguf, n_ctx=p + n, logits_all=False, extra_bufts=extra)
+    out["load_seconds"] = st.seconds
+    mem["load"] = memory()
+    reset_peak()
+    # the Keras contenders' prompt: [BOS] and the text's first P - 1 tokens
+    prompt = np.concatenate([[tokenizer.start_token_id], tokenizer.ids[: p - 1]])
+    bench = LlamaDecodeBench(llm, prompt, s, out)
+    if serve:
+        serve_decode(bench)
+    else:
+        for _ in range(s["reps"]):
+            bench.rep()
+    bench.summarize()
+    mem["generate"] = memory()
+    del llm, bench
+    gc.collect()
+    reset_peak()
+    out["decode_bytes_per_token"] = e2e_traffic.decode_bytes_per_token(
+        prep["weight_bytes"], prep["kv_cache_bytes_per_position"], p, n)
+    c = s["ppl_chunk_tokens"] + 1
+    with Step("load for scoring (logits for every position)"):
+        scorer = e2e_llama.load(gguf, n_ctx=c, logits_all=True, extra_bufts=extra)
+    measure_prefill_and_quality(e2e_llama.logits_fn(scorer), tokenizer,
+                                tokenizer.start_token_id, s, out, work)
     mem["score"] = memory()
     return out
 
 
 def prepare(contender, s, work) -> dict:
+    if contender.kind == "llama-cpp":
+        import e2e_llama
+
+        return e2e_llama.prepare(contender, s, work, progress)
     from fp8xla import models
 
     with Step("load the float32 model"):

@@ -236,8 +236,9 @@ def main(argv=None) -> int:
     mm.add_argument("--json", help="also write the measurements to this JSON file")
     mm.set_defaults(func=matmuls)
     sub.add_parser("bench", add_help=False,
-                   help="end-to-end benchmark: float32 Keras, fp8xla FP8, INC FP8, Keras int8 "
-                        "(tokens/s, memory, perplexity); run from the checkout, see "
+                   help="end-to-end benchmark: float32 Keras, fp8xla FP8, INC FP8, Keras int8, "
+                        "llama.cpp (tokens/s, memory, perplexity, share of the memory "
+                        "bandwidth); run from the checkout, see "
                         "fp8xla bench --help; --repo PATH names the checkout")
     args = p.parse_args(argv)
     return args.func(args)

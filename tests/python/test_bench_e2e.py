@@ -24,14 +24,15 @@ import e2e_report  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _measure(prefill, decode, peak_mib, ppl):
+def _measure(prefill, decode, peak_mib, ppl, bytes_per_token=None):
     def st(v):
         return {"median": v, "min": v * 0.9, "max": v * 1.1, "values": [v * 0.9, v, v * 1.1]}
 
     peak = peak_mib * 2**20
     return {"status": "ok", "prefill_tokens_per_s": st(prefill), "decode_tokens_per_s": st(decode),
             "perplexity": ppl, "memory": {"load": {"peak": peak // 2, "rss": peak // 4},
-                                          "generate": {"peak": peak, "rss": peak // 2}}}
+                                          "generate": {"peak": peak, "rss": peak // 2}},
+            "decode_bytes_per_token": {"total": bytes_per_token}}
 
 
 def _results(contenders):
@@ -58,8 +59,8 @@ def synthetic(tmp_path):
     """float32, an fp8xla contender that meets only the prefill target, a skipped one and a
     failed one; predictions saved as the workers save them (3 of 4 agree)."""
     cs = [
-        _entry("float32", measure=_measure(100.0, 10.0, 1000, 20.0)),
-        _entry("fp8xla-e4m3", measure=_measure(120.0, 20.0, 500, 21.0)),
+        _entry("float32", measure=_measure(100.0, 10.0, 1000, 20.0, 1.2e9)),
+        _entry("fp8xla-e4m3", measure=_measure(120.0, 20.0, 500, 21.0, 0.3e9)),
         _entry("inc-fp8", "skipped", "neural_compressor is not installed (pip install x)"),
         _entry("keras-int8", "failed", "RuntimeError: something broke"),
     ]
@@ -67,8 +68,20 @@ def synthetic(tmp_path):
         (tmp_path / key).mkdir()
         np.save(tmp_path / key / "predictions.npy", np.asarray(pred, np.int32))
     results = _results(cs)
+    results["bandwidth"] = {"median_bytes_per_s": 24e9, "min_bytes_per_s": 20e9,
+                            "max_bytes_per_s": 25e9, "method": "m", "probes": [{}], "errors": []}
     e2e.compare(results, tmp_path)
     return results
+
+
+def test_compare_memory_limit_share(synthetic):
+    # decode tokens/s x bytes per token / bandwidth: 10 x 1.2 GB / 24 GB/s, 20 x 0.3 GB / 24
+    shares = [c.get("memory_limit_share") for c in synthetic["contenders"]]
+    assert shares[:2] == [pytest.approx(0.5), pytest.approx(0.25)]
+    assert shares[2:] == [None, None]  # nothing is made up for what did not run
+    del synthetic["bandwidth"]
+    e2e.compare(synthetic, Path("/nonexistent"))
+    assert synthetic["contenders"][0]["memory_limit_share"] is None
 
 
 def test_compare_agreement_ratios_and_targets(synthetic):
@@ -92,6 +105,8 @@ def test_markdown_reports_every_contender_with_its_status(synthetic):
     assert "failed: RuntimeError: something broke" in md
     assert "1.20x / 2.00x / 0.50x" in md
     assert "75.0 %" in md
+    assert "| 300 | 25 % |" in md and "| 1200 | 50 % |" in md  # MB per token, share
+    assert "24.0 GB/s, median of 1 (20.0–25.0)" in md
     assert "2.00x: not met" in md and "1.20x: met" in md
     rows = [line for line in e2e_report.table(synthetic).splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(synthetic["contenders"])  # header + one per contender
@@ -201,6 +216,26 @@ def test_quick_run_on_a_tiny_model(tiny_preset, tmp_path):
     assert [c["key"] for c in results["contenders"]] == ["float32", "fp8xla-e4m3"]
     s = results["settings"]
     assert s["reps"] == 2
+    # the bandwidth probe ran once per round, over the quick settings' buffer
+    bw = results["bandwidth"]
+    assert len(bw["probes"]) == 2 and not bw["errors"]
+    assert all(p["bytes_per_pass"] == int(s["probe_gib"] * 2**30) for p in bw["probes"])
+    assert bw["min_bytes_per_s"] <= bw["median_bytes_per_s"] <= bw["max_bytes_per_s"]
+    # bytes per decode step: float32 holds every tensor of the GGUF as 4 bytes an element
+    import gguf
+
+    reader = gguf.GGUFReader(str(tiny_preset.parent / "tiny.gguf"))
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    f32, fp8 = (c["measure"]["decode_bytes_per_token"] for c in results["contenders"])
+    assert f32["weights"] == 4 * elements
+    assert 0 < fp8["weights"] < f32["weights"] / 2  # FP8 codes in place of the matrices
+    for c in results["contenders"]:
+        d = c["measure"]["decode_bytes_per_token"]
+        assert d["mean_context"] == s["prompt_tokens"] + s["new_tokens"] / 2
+        assert d["total"] == d["weights"] + d["kv_cache"]
+        rate = c["measure"]["decode_tokens_per_s"]["median"]  # None: all rates NaN (noise)
+        assert c["memory_limit_share"] == (None if rate is None else pytest.approx(
+            rate * d["total"] / bw["median_bytes_per_s"]))
     for c in results["contenders"]:
         assert c["status"] == "ok", c["reason"]
         m = c["measure"]

@@ -19,7 +19,7 @@ MIB = 2**20
 
 
 def _contender(key, label, prefill=None, decode=None, peak_mib=None, ppl=None, top1=None,
-               vs=None, status="ok", reason=None):
+               vs=None, status="ok", reason=None, bytes_per_token=None, share=None, note=None):
     measure = None
     if status == "ok":
         measure = {
@@ -28,10 +28,15 @@ def _contender(key, label, prefill=None, decode=None, peak_mib=None, ppl=None, t
             "perplexity": ppl,
             "memory": {"load": {"peak": peak_mib * MIB // 2, "rss": 1},
                        "generate": {"peak": peak_mib * MIB, "rss": peak_mib * MIB // 2}},
+            "decode_bytes_per_token": {"total": bytes_per_token},
         }
-    return {"key": key, "label": label, "status": status, "reason": reason,
-            "measure": measure, "top1_agreement": top1, "vs_float32": vs,
-            "load_average": {"before": [0.5, 0, 0], "after": [1.5, 0, 0]}, "other_cpu": 0.01}
+    entry = {"key": key, "label": label, "status": status, "reason": reason,
+             "measure": measure, "top1_agreement": top1, "vs_float32": vs,
+             "load_average": {"before": [0.5, 0, 0], "after": [1.5, 0, 0]}, "other_cpu": 0.01,
+             "memory_limit_share": share}
+    if note:
+        entry["note"] = note
+    return entry
 
 
 @pytest.fixture
@@ -45,13 +50,23 @@ def results():
         "settings": {"model": "fake_model", "new_tokens": 16, "prompt_tokens": 32, "reps": 3,
                      "ppl_chunks": 2, "ppl_chunk_tokens": 31},
         "load_average": {"start": [0.1, 0.2, 0.3], "end": [1.0, 0.5, 0.4]},
+        "bandwidth": {"median_bytes_per_s": 20e9, "min_bytes_per_s": 18e9,
+                      "max_bytes_per_s": 21e9, "method": "numpy.max over 1 GiB",
+                      "probes": [{}, {}, {}], "errors": []},
         "contenders": [
             _contender("float32", "float32 Keras (XLA)", 100.0, 10.0, 1000, 20.0, 1.0,
-                       {"prefill": 1.0, "decode": 1.0, "peak_rss": 1.0}),
+                       {"prefill": 1.0, "decode": 1.0, "peak_rss": 1.0}, bytes_per_token=1.1e9,
+                       share=0.55),
             _contender("fp8xla-e4m3", "fp8xla e4m3 w+a", 125.0, 37.5, 300, 21.5, 0.875,
-                       {"prefill": 1.25, "decode": 3.75, "peak_rss": 0.3}),
+                       {"prefill": 1.25, "decode": 3.75, "peak_rss": 0.3},
+                       bytes_per_token=0.3e9, share=0.5625),
             _contender("inc-fp8", "INC FP8", status="skipped",
                        reason="neural_compressor is not installed"),
+            _contender("llama-cpp-q8_0", "llama.cpp Q8_0", 110.0, 30.0, 400, 20.5, 0.9,
+                       {"prefill": 1.1, "decode": 3.0, "peak_rss": 0.4}, bytes_per_token=0.3e9,
+                       share=0.45, note="use_extra_bufts=False: a test prompt died of SIGSEGV"),
+            _contender("llama-cpp-f32", "llama.cpp F32", status="skipped",
+                       reason="llama_cpp is not installed (pip install it)"),
         ],
         "targets": [],
     }
@@ -74,13 +89,47 @@ def test_headline_has_every_contender_with_its_numbers(results):
     assert "jax 9.9.9, keras 8.8.8, keras-hub 7.7.7" in text
     assert "16 new tokens after a 32-token prompt, median of 3" in text
     assert "prefill: 32 tokens, median of 2 chunks" in text
+    assert "bytes read per token / 20.0 GB/s" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 3  # header + one per contender
+    assert len(rows) == 1 + 5  # header + one per contender
     assert all(row.count("|") == rows[0].count("|") for row in rows)
+    assert rows[0].endswith("| top-1 agreement | decode / memory limit |")
     assert rows[2] == ("| fp8xla e4m3 w+a | 125 | 37.5 | 300 | 1.25x / 3.75x / 0.30x | 21.500 "
-                       "| 87.5 % |")
+                       "| 87.5 % | 56 % |")
     assert rows[3] == ("| INC FP8 (skipped: neural_compressor is not installed) | – | – | – | – "
-                       "| – | – |")
+                       "| – | – | – |")
+    # a contender that runs another way than by default says so next to its name
+    assert rows[4] == ("| llama.cpp Q8_0 (use_extra_bufts=False: a test prompt died of SIGSEGV) "
+                       "| 110 | 30.0 | 400 | 1.10x / 3.00x / 0.40x | 20.500 | 90.0 % | 45 % |")
+    assert rows[5].startswith("| llama.cpp F32 (skipped: llama_cpp is not installed "
+                              "(pip install it)) | – | – |")
+
+
+def test_report_has_the_bandwidth_and_bytes_per_token(results):
+    text = e2e_report.markdown(results)
+    assert ("Memory bandwidth probe (numpy.max over 1 GiB, once per decode round): 20.0 GB/s, "
+            "median of 3 (18.0–21.0)") in text
+    assert "(32 + 16/2 positions" in text
+    rows = [line for line in e2e_report.table(results).splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 5 and all(r.count("|") == rows[0].count("|") for r in rows)
+    head = [h.strip() for h in rows[0].split("|")[1:-1]]
+    cells = {r.split("|")[1].strip(): [x.strip() for x in r.split("|")[1:-1]] for r in rows[1:]}
+    col = head.index("MB read per token"), head.index("decode / memory limit")
+    assert [cells["fp8xla e4m3 w+a"][i] for i in col] == ["300", "56 %"]
+    assert [cells["float32 Keras (XLA)"][i] for i in col] == ["1100", "55 %"]
+    assert [cells["INC FP8"][i] for i in col] == ["–", "–"]
+    status = cells["llama.cpp Q8_0"][head.index("status")]
+    assert status == "ok (use_extra_bufts=False: a test prompt died of SIGSEGV)"
+
+
+def test_report_without_a_bandwidth_says_why(results):
+    results["bandwidth"] = {"median_bytes_per_s": None, "probes": [],
+                            "errors": ["RuntimeError: out of memory"]}
+    assert "Memory bandwidth probe: no result (RuntimeError: out of memory)" in \
+        e2e_report.markdown(results)
+    del results["bandwidth"]  # results of a run before the probe existed
+    assert "Memory bandwidth probe: no result (not run)" in e2e_report.markdown(results)
+    assert "Memory limit" not in e2e_report.headline(results)
 
 
 def test_update_docs_replaces_only_the_blocks(tmp_path, results):

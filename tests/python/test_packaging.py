@@ -127,7 +127,7 @@ def test_every_requirement_is_pinned_in_constraints_and_agrees():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     project = meta["project"]
     declared = [*meta["build-system"]["requires"], *project["dependencies"]]
-    for extra in ("keras", "inc", "bench", "test"):
+    for extra in ("keras", "inc", "llama", "bench", "test"):
         declared += project["optional-dependencies"][extra]
     wrong = []
     for text in declared:
@@ -152,6 +152,7 @@ def test_extras_say_what_the_requirement_files_say():
         return {canonicalize_name(Requirement(r).name) for r in extras[extra]}
 
     assert names("inc") == _requirement_names(SHIM / "requirements-inc.txt")
+    assert names("llama") == _requirement_names(SHIM / "requirements-llama.txt")
     # What pip would install only with TensorFlow is not in the keras extra (it is installed
     # with --no-deps), and everything else the venv's Keras path gets is.
     nodeps = _requirement_names(SHIM / "requirements-nodeps.txt")
