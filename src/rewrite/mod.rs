@@ -12,6 +12,7 @@
 //! | `instrument` | `fp8xla_observe` on every weight matmul's activation | see below |
 //! | `update_slices_in_place` | loop-carried `dynamic_update_slice` → `fp8xla_update_slice` ([`inplace`]) | `{}` |
 //! | `decode_dots` | decode-shaped float32 `dot_general` → `fp8xla_dot_f32` ([`decode_dot`]) | `{"min_bytes": 65536}` (optional) |
+//! | `shard_calls` | fp8xla calls on sharded operands → `sdy.manual_computation` ([`shard`]) | `{"entry": "main"}` (optional) |
 //!
 //! A run ([`pipeline`]) parses and verifies the module, then runs its passes in order, each a
 //! [`pipeline::Pass`], and [`verify`]s the module after each: a pass that leaves it
@@ -84,6 +85,8 @@
 //!   of a few rows with a large operand, such as attention over the KV cache, become
 //!   `fp8xla_dot_f32`); `decode_dots_min_bytes` (default 65536): the least size of that large
 //!   operand.
+//! - `shard_calls` (default `true`): whether the pass `shard_calls` runs last (fp8xla calls on
+//!   operands the module shards over a mesh run per shard; nothing happens without a mesh).
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
 //!
 //! Sites are the `dot_general` ops with a weight operand, numbered in pre-order over the module
@@ -161,6 +164,7 @@ pub mod pipeline;
 pub mod print;
 pub mod quantize;
 mod registry;
+pub mod shard;
 pub mod verify;
 
 use std::collections::HashMap;
