@@ -27,6 +27,11 @@
 //! - `fp8xla_take` on a table split on its row dimension (vocab parallel): each device takes
 //!   the rows it holds, zeros the others, and one all-reduce sums them; split on the embedding
 //!   dimension: the result is split the same way, no collective.
+//! - the elementwise targets ([`ELEMENTWISE`]) of rank ≥ 2 get `mhlo.frontend_attributes =
+//!   {num_batch_dims = "rank-1"}` and an `sdy.sharding_rule` that maps each dimension to
+//!   itself: with the target registered as batch partitionable (`fp8xla` does this when it
+//!   loads the library), XLA runs them on the shard each device holds along the leading
+//!   dimensions (the last one stays whole), whatever sharding propagation gave the operand.
 //! - anything else with a sharded operand is left to XLA (it gathers the operand).
 //!
 //! Replicated operands change nothing. A dimension the mesh axes do not divide, a mesh with its
@@ -47,6 +52,73 @@ use super::pipeline::{Context, Pass};
 use super::RewriteError;
 
 const STAGE: &str = "shard_calls";
+
+/// Targets that work element by element: batch partitionable on all but the last dimension.
+pub const ELEMENTWISE: &[&str] = &[
+    "fp8xla_quantize",
+    "fp8xla_dequantize",
+    "fp8xla_qdq",
+    "fp8xla_observe",
+];
+
+/// Marks elementwise calls batch partitionable (see the module documentation).
+fn mark_elementwise(module: &mut Module, aliases: &HashMap<String, String>) -> Vec<Value> {
+    let mut report = Vec::new();
+    module.top.walk_mut(&mut |op| {
+        if op.name != "stablehlo.custom_call" {
+            return;
+        }
+        let Some(name) = target(op) else { return };
+        if !ELEMENTWISE.contains(&name.as_str()) {
+            return;
+        }
+        let dims = match op.result_types.first().and_then(|t| t.as_tensor()) {
+            Some(t) if t.rank() >= 2 => t.static_shape(),
+            _ => None,
+        };
+        let Some(dims) = dims else { return };
+        let attrs = op.attributes.get_or_insert_with(AttrDict::default);
+        if attrs.get("mhlo.frontend_attributes").is_some()
+            || attrs.get("sdy.sharding_rule").is_some()
+        {
+            return;
+        }
+        let letters: Vec<String> = (0..dims.len())
+            .map(|i| {
+                let c = (b'i' + (i % 18) as u8) as char;
+                if i < 18 {
+                    c.to_string()
+                } else {
+                    format!("{c}{}", i / 18)
+                }
+            })
+            .collect();
+        let factors = letters.join(", ");
+        let sizes: Vec<String> = letters
+            .iter()
+            .zip(&dims)
+            .map(|(l, n)| format!("{l}={n}"))
+            .collect();
+        let operands = vec![format!("[{factors}]"); op.operands.len()].join(", ");
+        let results = vec![format!("[{factors}]"); op.result_types.len()].join(", ");
+        attrs.set(
+            "mhlo.frontend_attributes",
+            format!("{{num_batch_dims = \"{}\"}}", dims.len() - 1),
+        );
+        attrs.set(
+            "sdy.sharding_rule",
+            format!(
+                "#sdy.op_sharding_rule<({operands})->({results}) {{{}}}>",
+                sizes.join(", ")
+            ),
+        );
+        report.push(json!({
+            "kind": "shard", "function": Value::Null, "loc": loc_json(&op.loc, aliases),
+            "detail": format!("{name}: batch partitionable over its first {} dims", dims.len() - 1),
+        }));
+    });
+    report
+}
 
 /// The pass `shard_calls` on the entry function `entry`.
 pub struct ShardCalls {
@@ -1254,9 +1326,10 @@ pub fn shard_calls(
     if meshes.is_empty() {
         return Ok(Vec::new());
     }
+    let elementwise = mark_elementwise(module, aliases);
     let known = follow(module, entry, aliases)?;
     if known.is_empty() {
-        return Ok(Vec::new());
+        return Ok(elementwise);
     }
     // Plan every call first (the module is read-only meanwhile).
     let mut plans: Vec<(u32, Plan, String, Value)> = Vec::new();
@@ -1289,7 +1362,7 @@ pub fn shard_calls(
         names,
         next_handle,
     };
-    let mut report = Vec::new();
+    let mut report = elementwise;
     for (id, p, function, loc) in plans {
         let mesh = meshes[&p.mesh].clone();
         let call_target = b.module.top.find(id).and_then(target).unwrap_or_default();

@@ -178,6 +178,44 @@ def case_take(layout):
     check_hlo(hlo, [local], 1 if layout == "vocab" else 0)
 
 
+def case_elementwise():
+    """qdq on an activation split on rows: batch partitionable, each device its rows."""
+    x = RNG.standard_normal((8, 6)).astype(np.float32)
+
+    def f(x):
+        return ops.qdq(x, 0.01) * 2
+
+    specs = [P("model")]
+    exp, text, report = export_sharded(f, [x], specs)
+    got, hlo = run_sharded(exp, [x], specs)
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(f)(x)))
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"fp8xla_qdq\"" in line]
+    assert calls and all("f32[4,6]" in c for c in calls), calls
+    assert "all-gather" not in hlo, hlo
+
+
+def case_sharded_fp8_matmul():
+    """ops.sharded_fp8_matmul (shard_map) on a column- and a row-split weight."""
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    w = RNG.standard_normal((64, 48)).astype(np.float32)
+    codes, scales = ops.quantize_weight(w, channel_axes=1)
+    ref = x.astype(np.float64) @ (codes.astype(np.float64) * scales.astype(np.float64))
+    for pspec, reduces in ((P(None, "model"), 0), (P("model", None), 1)):
+        wd = jax.device_put(codes, NamedSharding(MESH, pspec))
+        sd = jax.device_put(scales, NamedSharding(MESH, P(pspec[1])))
+
+        def f(x, w, s, pspec=pspec):
+            return ops.sharded_fp8_matmul(x, w, s, mesh=MESH, w_spec=pspec)
+
+        run = jax.jit(f)
+        got = np.asarray(run(x, wd, sd))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, np.asarray(jax.jit(ops.fp8_matmul)(x, codes, scales)),
+                                   rtol=1e-6, atol=1e-6)
+        local = (64, 24) if reduces == 0 else (32, 48)
+        check_hlo(run.lower(x, wd, sd).compile().as_text(), [local], reduces)
+
+
 def case_not_divisible():
     x = RNG.standard_normal((3, 8)).astype(np.float32)
     codes, scale = ops.quantize_weight(RNG.standard_normal((8, 7)))
@@ -208,6 +246,8 @@ CASES = {
     "take_replicated": lambda: case_take("replicated"),
     "take_vocab": lambda: case_take("vocab"),
     "take_embed": lambda: case_take("embed"),
+    "elementwise": case_elementwise,
+    "sharded_fp8_matmul": case_sharded_fp8_matmul,
     "not_divisible": case_not_divisible,
 }
 

@@ -14,6 +14,7 @@ CASES = [
     "quantize_replicated", "quantize_megatron",
     "dot_f32_heads", "update_slice_heads",
     "take_replicated", "take_vocab", "take_embed",
+    "elementwise", "sharded_fp8_matmul",
     "not_divisible",
 ]
 
