@@ -10,7 +10,7 @@ import jax
 _lib: ctypes.CDLL | None = None
 _targets: tuple[str, ...] = ()
 # The elementwise targets (the rewrite's shard::ELEMENTWISE).
-_ELEMENTWISE = ("fp8xla_quantize", "fp8xla_dequantize", "fp8xla_qdq", "fp8xla_observe")
+_ELEMENTWISE = ("fp8xla_quantize", "fp8xla_dequantize", "fp8xla_qdq")
 
 
 def library_path() -> str:

@@ -113,6 +113,10 @@ def instrument_exported(exp, weights=None, args=None):
     if args is not None:
         options["args"] = args
     text, sites = run_pass("instrument", module_text(exp), options)
+    if "\"sdy.mesh\"" in text:
+        # Under sharding the observers run once per device on the whole activation (XLA
+        # cannot replicate a side effect by itself).
+        text, _ = run_pass("shard_calls", text, {})
     return with_module(exp, text), sites
 
 

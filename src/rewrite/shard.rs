@@ -32,6 +32,9 @@
 //!   itself: with the target registered as batch partitionable (`fp8xla` does this when it
 //!   loads the library), XLA runs them on the shard each device holds along the leading
 //!   dimensions (the last one stays whole), whatever sharding propagation gave the operand.
+//! - `fp8xla_observe` (calibration; it has a side effect, which XLA's partitioner refuses to
+//!   replicate) runs in a manual computation over every mesh axis on the whole activation:
+//!   each device records the same maximum into its process's table.
 //! - anything else with a sharded operand is left to XLA (it gathers the operand).
 //!
 //! Replicated operands change nothing. A dimension the mesh axes do not divide, a mesh with its
@@ -54,12 +57,10 @@ use super::RewriteError;
 const STAGE: &str = "shard_calls";
 
 /// Targets that work element by element: batch partitionable on all but the last dimension.
-pub const ELEMENTWISE: &[&str] = &[
-    "fp8xla_quantize",
-    "fp8xla_dequantize",
-    "fp8xla_qdq",
-    "fp8xla_observe",
-];
+pub const ELEMENTWISE: &[&str] = &["fp8xla_quantize", "fp8xla_dequantize", "fp8xla_qdq"];
+
+/// The calibration observer: a side effect, which XLA cannot replicate.
+const OBSERVE: &str = "fp8xla_observe";
 
 /// Marks elementwise calls batch partitionable (see the module documentation).
 fn mark_elementwise(module: &mut Module, aliases: &HashMap<String, String>) -> Vec<Value> {
@@ -559,6 +560,8 @@ struct Plan {
     reduce: Vec<String>,
     /// `fp8xla_take` on a row-split table: (rows per device, the axes of the rows).
     vocab: Option<(u64, Vec<String>)>,
+    /// Manual over every mesh axis (not only those the operands are split on).
+    all_manual: bool,
 }
 
 fn rank(t: &Type) -> usize {
@@ -657,6 +660,7 @@ fn plan_dot(op: &Op, side: usize, axes: &[Vec<String>]) -> Result<Plan, String> 
         result,
         reduce,
         vocab: None,
+        all_manual: false,
     })
 }
 
@@ -669,6 +673,19 @@ fn plan(
     let Some(name) = target(op) else {
         return Ok(None);
     };
+    if name == OBSERVE {
+        let (Some(mesh), Some(t)) = (meshes.keys().min(), op.operand_types.first()) else {
+            return Ok(None);
+        };
+        return Ok(Some(Plan {
+            mesh: mesh.clone(),
+            operands: vec![vec![Vec::new(); rank(t)]],
+            result: vec![Vec::new(); rank(t)],
+            reduce: Vec::new(),
+            vocab: None,
+            all_manual: true,
+        }));
+    }
     let split: Vec<(usize, &Known)> = shardings
         .iter()
         .enumerate()
@@ -744,6 +761,7 @@ fn plan(
                 result: s.dims.clone(),
                 reduce: Vec::new(),
                 vocab: None,
+                all_manual: false,
             }
         }
         "fp8xla_take" if side == 0 => {
@@ -763,6 +781,7 @@ fn plan(
                 result,
                 reduce: rows.clone(),
                 vocab,
+                all_manual: false,
             }
         }
         _ => return Ok(None),
@@ -989,7 +1008,7 @@ fn wrap(b: &mut Builder, id: u32, p: &Plan, mesh: &Mesh) -> Result<(), RewriteEr
             .flatten()
             .chain(&p.reduce)
             .any(|a| a == axis);
-        if used {
+        if used || p.all_manual {
             manual.push(axis.clone());
         }
     }
@@ -1328,9 +1347,6 @@ pub fn shard_calls(
     }
     let elementwise = mark_elementwise(module, aliases);
     let known = follow(module, entry, aliases)?;
-    if known.is_empty() {
-        return Ok(elementwise);
-    }
     // Plan every call first (the module is read-only meanwhile).
     let mut plans: Vec<(u32, Plan, String, Value)> = Vec::new();
     for f in module.functions() {
@@ -1367,7 +1383,9 @@ pub fn shard_calls(
         let mesh = meshes[&p.mesh].clone();
         let call_target = b.module.top.find(id).and_then(target).unwrap_or_default();
         wrap(&mut b, id, &p, &mesh)?;
-        let how = if p.vocab.is_some() {
+        let how = if p.all_manual {
+            "on the whole operand on every device".to_string()
+        } else if p.vocab.is_some() {
             "vocab parallel (rows split), one all-reduce".to_string()
         } else if !p.reduce.is_empty() {
             format!("row parallel, one all-reduce over {:?}", p.reduce)
