@@ -19,8 +19,8 @@
 //! inconsistent is named in the error (stage `verify`, "…after pass `quantize_gathers`…").
 //! `quantize` follows the weights (the step `follow_weights`) and then runs
 //! `quantize_dots`, `fold_transposes`, `quantize_gathers`, `dequantize_other_uses`,
-//! `update_slices_in_place` and `decode_dots` ([`quantize`] says what each does). The run
-//! alone of `update_slices_in_place` or `decode_dots` reports
+//! `update_slices_in_place`, `decode_dots` and `shard_calls` ([`quantize`] says what each
+//! does). The run alone of `update_slices_in_place`, `decode_dots` or `shard_calls` reports
 //! `{"pass": name, "handled": [...]}` (entries as in `quantize`'s report).
 //!
 //! Options are JSON objects read with serde (`options.rs`): unknown keys are refused, and each
@@ -125,11 +125,12 @@
 //!               "lhs_contracting_dims", "rhs_contracting_dims", "lhs_batching_dims",
 //!               "rhs_batching_dims", "output_transpose", "a_scale", "dropped_attributes"}],
 //!  "handled": [{"kind": "while" | "call" | "clone" | "transpose" | "transpose_folded" |
-//!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv", "arg",
+//!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv" |
+//!               "shard", "arg",
 //!               "function", "loc",
 //!               "detail" | "reason"}],
 //!  (in this order: folded transposes, gathers, the weights' flow through loops, calls and
-//!   transposes, dequantized uses, in-place updates, decode dots)
+//!   transposes, dequantized uses, in-place updates, decode dots, sharded calls)
 //!  "skipped": [{"arg" | "site", "reason", …}]}
 //! ```
 //!

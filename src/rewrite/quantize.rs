@@ -7,7 +7,7 @@
 //!   matmuls read the weight in its own layout);
 //! - `quantize_gathers`: embedding gathers take FP8 rows ([`super::gather`]);
 //! - `dequantize_other_uses`: any other use gets `convert` + `multiply` by the scale;
-//! - then, unless turned off, `update_slices_in_place` and `decode_dots`,
+//! - then, unless turned off, `update_slices_in_place`, `decode_dots` and `shard_calls`,
 //!
 //! verifying the module after each ([`super::pipeline`]).
 

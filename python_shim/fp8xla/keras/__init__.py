@@ -127,7 +127,7 @@ def quantize_model(model, config: StaticQuantConfig, calib_function=None):
         var = model.trainable_variables[i]
         if i not in dims:
             continue  # not used by a matmul in the generate step
-        w = np.asarray(var.value, np.float32)
+        w = np.asarray(distribution.host_value(var.value), np.float32)
         channel_dim = None
         if config.granularity == "per_channel" and not _is_embedding(var):
             free = dims[i]

@@ -85,6 +85,18 @@ def variable_sharding(variable):
     return None
 
 
+def host_value(x):
+    """A variable's value as one host array, also when its shards live in other processes
+    (gathered over ``jax.distributed``; every process must call this)."""
+    import numpy as np
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def max_over_processes(amax: dict) -> dict:
     """The per-key maximum of ``amax`` over every process of a ``jax.distributed`` run (the
     calibration maximum of all devices and processes); unchanged in a single process. Every
