@@ -47,7 +47,8 @@ def prompts():
 def fp8(model):
     config = StaticQuantConfig(weight_dtype="fp8_e4m3", activation_dtype="fp8_e4m3",
                                granularity="per_channel")
-    return quantize_model(model, config, calib_function=lambda m: m.generate(prompts(), stop_token_ids=None))
+    return quantize_model(model, config,
+                          calib_function=lambda m: m.generate(prompts(), stop_token_ids=None))
 
 
 single = fp8(tiny_gemma3())

@@ -56,3 +56,19 @@ def test_layout_map_replicates_what_the_axis_does_not_divide(kv_heads, inter, vo
         gemma3_layout_map(mesh, config, model_dim="tensor")
     with pytest.raises(ValueError, match="lacks 'num_query_heads'"):
         gemma3_layout_map(mesh, {})
+
+
+def test_real_gemma3_270m_under_model_parallel_quantizes_and_generates():
+    import importlib.util
+
+    from fp8xla import models
+
+    if (importlib.util.find_spec(models._GEMMA3_270M_MODULE) is None
+            or os.environ.get("FP8XLA_SKIP_REAL_MODEL") == "1"):
+        pytest.skip(f"needs the {models.GEMMA3_270M_PACKAGE} package "
+                    "(or FP8XLA_SKIP_REAL_MODEL=1)")
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu", KERAS_BACKEND="jax")
+    p = subprocess.run([sys.executable, str(WORKER.with_name("real_sharding_worker.py"))],
+                       env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    assert "ok real" in p.stdout
