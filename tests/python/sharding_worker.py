@@ -121,8 +121,9 @@ def case_quantize(layout):
         check_hlo(hlo, [(32, 64), (64, 16)], 0)
 
 
-def case_dot_f32_heads():
-    """Attention scores over a head-sharded KV cache: batching dim split, no collective."""
+def case_dot_f32(layout):
+    """Attention scores over a KV cache split on heads (batching dim), on the cache length
+    (free dim) or on the head dim (contracted: one all-reduce), or replicated."""
     q = RNG.standard_normal((4, 1, 16)).astype(np.float32)      # heads, rows, head dim
     k = RNG.standard_normal((4, 40, 16)).astype(np.float32)     # heads, cache length, head dim
     dn = (((2,), (2,)), ((0,), (0,)))
@@ -130,15 +131,25 @@ def case_dot_f32_heads():
     def f(q, k):
         return ops.dot_f32(q, k, dn)
 
-    specs = [P(), P("model")]
+    pspec = {"replicated": P(), "heads": P("model"), "n": P(None, "model"),
+             "k": P(None, None, "model")}[layout]
+    specs = [P(), pspec]
     exp, text, _ = export_sharded(f, [q, k], specs)
     got, hlo = run_sharded(exp, [q, k], specs)
-    np.testing.assert_array_equal(got, np.asarray(jax.jit(f)(q, k)))
+    want = np.asarray(jax.jit(f)(q, k))
+    if layout == "k":
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got, np.einsum("hrd,hld->hrl", q.astype(np.float64), k),
                                rtol=1e-5, atol=1e-5)
-    assert "sdy.manual_computation" in text
-    assert "f32[2,40,16]" in hlo, "the cache is not split per device"
-    check_hlo(hlo, [], 0)
+    assert ("sdy.manual_computation" in text) == (layout != "replicated")
+    local = {"replicated": "f32[4,40,16]", "heads": "f32[2,40,16]", "n": "f32[4,20,16]",
+             "k": "f32[4,40,8]"}[layout]
+    calls = [line for line in hlo.splitlines()
+             if "fp8xla_dot_f32" in line and "custom-call(" in line]
+    assert calls and all(local in c for c in calls), (local, calls)
+    check_hlo(hlo, [], 1 if layout == "k" else 0)
 
 
 def case_update_slice_heads():
@@ -241,7 +252,10 @@ CASES = {
     "matmul_k": lambda: case_matmul("k"),
     "quantize_replicated": lambda: case_quantize("replicated"),
     "quantize_megatron": lambda: case_quantize("megatron"),
-    "dot_f32_heads": case_dot_f32_heads,
+    "dot_f32_replicated": lambda: case_dot_f32("replicated"),
+    "dot_f32_heads": lambda: case_dot_f32("heads"),
+    "dot_f32_n": lambda: case_dot_f32("n"),
+    "dot_f32_k": lambda: case_dot_f32("k"),
     "update_slice_heads": case_update_slice_heads,
     "take_replicated": lambda: case_take("replicated"),
     "take_vocab": lambda: case_take("vocab"),

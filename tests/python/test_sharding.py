@@ -12,7 +12,7 @@ WORKER = Path(__file__).with_name("sharding_worker.py")
 CASES = [
     "matmul_replicated", "matmul_n", "matmul_k",
     "quantize_replicated", "quantize_megatron",
-    "dot_f32_heads", "update_slice_heads",
+    "dot_f32_replicated", "dot_f32_heads", "dot_f32_n", "dot_f32_k", "update_slice_heads",
     "take_replicated", "take_vocab", "take_embed",
     "elementwise", "sharded_fp8_matmul",
     "not_divisible",
