@@ -143,6 +143,8 @@ impl<S> Pass<S> for ShardCalls {
 #[derive(Clone, Debug, PartialEq)]
 struct Mesh {
     axes: Vec<(String, u64)>,
+    /// Written with its own device order (`device_ids=[…]`): refused when a split uses it.
+    device_ids: bool,
 }
 
 impl Mesh {
@@ -198,9 +200,7 @@ fn parse_mesh(text: &str, pos: Pos) -> Result<Mesh, RewriteError> {
         .and_then(|t| t.strip_suffix('>'))
         .ok_or_else(|| bad("not a mesh"))?;
     let parts = split_top(inner);
-    if parts.len() != 1 {
-        return Err(bad("explicit device ids are not supported"));
-    }
+    let device_ids = parts.len() > 1;
     let list = parts[0]
         .strip_prefix('[')
         .and_then(|t| t.strip_suffix(']'))
@@ -217,7 +217,7 @@ fn parse_mesh(text: &str, pos: Pos) -> Result<Mesh, RewriteError> {
             .map_err(|_| bad("an axis size is not a number"))?;
         axes.push((name.to_string(), size));
     }
-    Ok(Mesh { axes })
+    Ok(Mesh { axes, device_ids })
 }
 
 /// `#sdy.sharding<@mesh, [{}, {"model"}]>` (open dimensions `?` and priorities are accepted and
@@ -674,7 +674,11 @@ fn plan(
         return Ok(None);
     };
     if name == OBSERVE {
-        let (Some(mesh), Some(t)) = (meshes.keys().min(), op.operand_types.first()) else {
+        let usable = meshes
+            .iter()
+            .filter(|(_, m)| m.devices() > 1 && !m.device_ids)
+            .map(|(name, _)| name);
+        let (Some(mesh), Some(t)) = (usable.min(), op.operand_types.first()) else {
             return Ok(None);
         };
         return Ok(Some(Plan {
@@ -703,6 +707,15 @@ fn plan(
             format!("{} on the unknown mesh @{}", known.origin, s.mesh),
         )
     })?;
+    if mesh.device_ids {
+        return Err(fail(
+            "a mesh in the default device order (explicit `device_ids` are not supported)",
+            format!(
+                "{} sharded over @{}, which has device_ids",
+                known.origin, s.mesh
+            ),
+        ));
+    }
     if split.len() > 1 {
         return Err(fail(
             &format!("{name} with at most one sharded operand"),
@@ -1342,7 +1355,8 @@ pub fn shard_calls(
     aliases: &HashMap<String, String>,
 ) -> Result<Vec<Value>, RewriteError> {
     let meshes = meshes(module)?;
-    if meshes.is_empty() {
+    // Only meshes of one device (e.g. `#sdy.mesh<[], device_ids=[0]>`): nothing to split.
+    if !meshes.values().any(|m| m.devices() > 1) {
         return Ok(Vec::new());
     }
     let elementwise = mark_elementwise(module, aliases);
@@ -1411,7 +1425,11 @@ mod tests {
     fn reads_meshes_and_shardings() {
         let m = parse_mesh("#sdy.mesh<[\"data\"=1, \"model\"=2]>", Pos::default()).unwrap();
         assert_eq!(m.axes, vec![("data".into(), 1), ("model".into(), 2)]);
-        assert!(parse_mesh("#sdy.mesh<[\"a\"=2], device_ids=[1, 0]>", Pos::default()).is_err());
+        assert!(!m.device_ids);
+        let m = parse_mesh("#sdy.mesh<[\"a\"=2], device_ids=[1, 0]>", Pos::default()).unwrap();
+        assert!(m.device_ids);
+        let m = parse_mesh("#sdy.mesh<[], device_ids=[0]>", Pos::default()).unwrap();
+        assert!(m.axes.is_empty());
         let s = parse_sharding(
             "#sdy.sharding<@mesh, [{\"model\", ?}p1, {}, {?}]>",
             Pos::default(),
@@ -1433,6 +1451,7 @@ mod tests {
     fn replica_groups_sum_over_the_named_axes() {
         let m = Mesh {
             axes: vec![("data".into(), 2), ("model".into(), 2)],
+            device_ids: false,
         };
         assert_eq!(
             replica_groups(&m, &["model".into()]),
@@ -1520,6 +1539,21 @@ mod pass_tests {
             "{e}"
         );
         assert_eq!(e.found, "2 parts", "{e}");
+    }
+
+    #[test]
+    fn a_mesh_with_its_own_device_order_is_refused_only_when_used() {
+        let used = module(r#"[{}, {"model"}]"#, "8x6").replace(
+            r#"#sdy.mesh<["model"=2]>"#,
+            r#"#sdy.mesh<["model"=2], device_ids=[1, 0]>"#,
+        );
+        let e = run_pass("shard_calls", &used, "{}").unwrap_err();
+        assert!(e.found.contains("argument 1 (w) sharded over @mesh"), "{e}");
+        let unused = module("[{}, {}]", "8x6").replace(
+            r#"#sdy.mesh<["model"=2]>"#,
+            r#"#sdy.mesh<["model"=2], device_ids=[1, 0]>"#,
+        );
+        run_pass("shard_calls", &unused, "{}").expect("a replicated module is left alone");
     }
 
     #[test]
