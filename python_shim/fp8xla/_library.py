@@ -10,6 +10,8 @@ import jax
 
 _lib: ctypes.CDLL | None = None
 _targets: tuple[str, ...] = ()
+# The elementwise targets (the rewrite's shard::ELEMENTWISE).
+_ELEMENTWISE = ("fp8xla_quantize", "fp8xla_dequantize", "fp8xla_qdq")
 
 
 def library_path() -> str:
@@ -83,6 +85,10 @@ def load() -> ctypes.CDLL:
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
             )
+            if name in _ELEMENTWISE:
+                # Under sharding, XLA runs these per shard on calls that carry
+                # `num_batch_dims` (the rewrite's `shard_calls` pass adds it).
+                jax.ffi.register_ffi_target_as_batch_partitionable(name)
         _lib, _targets = lib, names
     return _lib
 

@@ -49,7 +49,11 @@ def run_pass(name: str, text: str, options: dict) -> tuple[str, dict]:
     - ``"update_slices_in_place"``: a ``dynamic_update_slice`` of a loop-carried value in a
       ``while`` body becomes the in-place ``fp8xla_update_slice`` (options ``{}``);
     - ``"decode_dots"``: float32 ``dot_general``s of at most 4 rows with a large operand
-      become ``fp8xla_dot_f32`` (options ``{"min_bytes": 65536}``, optional).
+      become ``fp8xla_dot_f32`` (options ``{"min_bytes": 65536}``, optional);
+    - ``"shard_calls"``: fp8xla calls on operands sharded over the module's mesh become
+      ``sdy.manual_computation``s, one shard per device (options ``{"entry": "main"}``,
+      optional; ``quantize`` runs it last unless ``"shard_calls": False``; see
+      docs/sharding.md).
 
     Every pass's result is checked for consistent types, and an error names the pass that
     broke it. Run alone, a pass reports ``{"pass": name, "handled": [...]}``; wrap the text
@@ -109,6 +113,10 @@ def instrument_exported(exp, weights=None, args=None):
     if args is not None:
         options["args"] = args
     text, sites = run_pass("instrument", module_text(exp), options)
+    if "\"sdy.mesh\"" in text:
+        # Under sharding the observers run once per device on the whole activation (XLA
+        # cannot replicate a side effect by itself).
+        text, _ = run_pass("shard_calls", text, {})
     return with_module(exp, text), sites
 
 

@@ -344,6 +344,77 @@ def fp8_matmul(lhs, rhs, w_scale, dimension_numbers=None, *, a_scale=None, a_for
     return jax.ffi.ffi_call("fp8xla_matmul", out, vmap_method="sequential")(*operands, **attrs)
 
 
+def sharded_fp8_matmul(lhs, rhs, w_scale, *, mesh, w_spec, dimension_numbers=None, **kwargs):
+    """`fp8_matmul` on a weight sharded over `mesh` as `w_spec` (a ``PartitionSpec`` of
+    ``rhs``), each device on its own shard: a ``jax.shard_map`` over the mesh axes the weight
+    is split on.
+
+    A split free (output) dim of ``rhs`` (column parallel) splits the result the same way, no
+    collective; a split contracting dim (row parallel) splits ``lhs``'s matching dim and sums
+    the partial products with one ``psum`` (all-reduce); a split batch dim splits ``lhs`` and
+    the result. Per-channel ``w_scale`` (one per index of a free rhs dim: ``w_scale_dim`` or
+    the only free dim) follows that dim's split. ``lhs`` may be given in any sharding (JAX
+    reshards it to what the product needs); other mesh axes stay automatic. Other keyword
+    arguments are those of `fp8_matmul`. Every split dim must divide evenly. This is what the
+    rewrite's ``shard_calls`` pass writes into exported graphs (docs/sharding.md)."""
+    from jax.sharding import PartitionSpec as P
+
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    lc, rc, lb, rb = _dot_general_dims("sharded_fp8_matmul", lhs, rhs, dimension_numbers)
+    spec = tuple(w_spec) + (None,) * (rhs.ndim - len(tuple(w_spec)))
+    if len(spec) != rhs.ndim:
+        raise ValueError(f"fp8xla.sharded_fp8_matmul: `w_spec` {w_spec} has more entries than "
+                         f"rhs dims ({rhs.ndim})")
+
+    def axes_of(entry):
+        if entry is None:
+            return ()
+        return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+    for d, entry in enumerate(spec):
+        parts = math.prod(mesh.shape[a] for a in axes_of(entry))
+        if rhs.shape[d] % parts:
+            raise ValueError(f"fp8xla.sharded_fp8_matmul: rhs dim {d} (size {rhs.shape[d]}) "
+                             f"is split {parts} ways over {axes_of(entry)}; it must divide")
+    lhs_spec = [None] * lhs.ndim
+    rhs_free = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
+    lhs_free = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+    out_spec = [None] * (len(lb) + len(lhs_free) + len(rhs_free))
+    reduce = []
+    for d, entry in enumerate(spec):
+        if entry is None:
+            continue
+        if d in rc:
+            lhs_spec[lc[rc.index(d)]] = entry
+            reduce.extend(axes_of(entry))
+        elif d in rb:
+            lhs_spec[lb[rb.index(d)]] = entry
+            out_spec[rb.index(d)] = entry
+        else:
+            out_spec[len(lb) + len(lhs_free) + rhs_free.index(d)] = entry
+    operands, in_specs = [lhs, rhs], [P(*lhs_spec), P(*spec)]
+    per_channel = not (np.ndim(w_scale) == 0 and not isinstance(w_scale, jax.Array))
+    if per_channel:
+        d = kwargs.get("w_scale_dim")
+        if d is None:
+            kept = [k for k in range(rhs.ndim) if k not in rc]
+            if len(kept) != 1 and any(spec[k] is not None for k in kept):
+                raise ValueError("fp8xla.sharded_fp8_matmul: per-channel scales on a split "
+                                 "weight with several output dims need `w_scale_dim`")
+            d = kept[0] if len(kept) == 1 else None
+        operands.append(jnp.asarray(w_scale, jnp.float32).reshape(-1))
+        in_specs.append(P(spec[d] if d is not None else None))
+    manual = {a for entry in spec for a in axes_of(entry)}
+
+    def body(lhs, rhs, *scale):
+        out = fp8_matmul(lhs, rhs, scale[0] if scale else w_scale, dimension_numbers,
+                         **kwargs)
+        return jax.lax.psum(out, tuple(reduce)) if reduce else out
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=P(*out_spec),
+                         axis_names=manual, check_vma=False)(*operands)
+
+
 def dot_f32(lhs, rhs, dimension_numbers=None):
     """``jax.lax.dot_general`` of two float32 arrays by the GEMV kernels (``fp8xla_dot_f32``):
     for few rows against a large operand, read once (attention over a KV cache in a decode

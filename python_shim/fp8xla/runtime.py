@@ -94,12 +94,20 @@ class Fp8State:
 
 
 def _spec(x):
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    s = getattr(x, "sharding", None)
+    if not (isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1):
+        s = None
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
 
 
 def _var_specs(variables):
-    # from shape and dtype only: the value of a quantized variable may not exist
-    return [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for v in variables]
+    # from shape, dtype and layout only: the value of a quantized variable may not exist.
+    # A sharded variable (keras.distribution.ModelParallel) declares its sharding, which the
+    # rewrite's shard_calls pass reads (docs/sharding.md).
+    from .keras.distribution import variable_sharding
+
+    return [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=variable_sharding(v))
+            for v in variables]
 
 
 def _stateless_generate(model, stop_token_ids):
@@ -213,7 +221,11 @@ def generate_function(model, cache, trainable_values):
 def install(model, config, qweights):
     """Makes ``model.generate()``, ``model.predict()`` and :func:`logits` run the FP8 graph
     (sets ``model.fp8``, ``model.generate_function`` and ``model.predict_function``)."""
-    codes = {i: jax.device_put(q.codes) for i, q in qweights.items()}
+    from .keras.distribution import variable_sharding
+
+    # The codes take their weight's layout (sharded under ModelParallel).
+    codes = {i: jax.device_put(q.codes, variable_sharding(model.trainable_variables[i]))
+             for i, q in qweights.items()}
 
     def rewrite(exp, arg_of):
         weights = []

@@ -12,14 +12,15 @@
 //! | `instrument` | `fp8xla_observe` on every weight matmul's activation | see below |
 //! | `update_slices_in_place` | loop-carried `dynamic_update_slice` → `fp8xla_update_slice` ([`inplace`]) | `{}` |
 //! | `decode_dots` | decode-shaped float32 `dot_general` → `fp8xla_dot_f32` ([`decode_dot`]) | `{"min_bytes": 65536}` (optional) |
+//! | `shard_calls` | fp8xla calls on sharded operands → `sdy.manual_computation` ([`shard`]) | `{"entry": "main"}` (optional) |
 //!
 //! A run ([`pipeline`]) parses and verifies the module, then runs its passes in order, each a
 //! [`pipeline::Pass`], and [`verify`]s the module after each: a pass that leaves it
 //! inconsistent is named in the error (stage `verify`, "…after pass `quantize_gathers`…").
 //! `quantize` follows the weights (the step `follow_weights`) and then runs
 //! `quantize_dots`, `fold_transposes`, `quantize_gathers`, `dequantize_other_uses`,
-//! `update_slices_in_place` and `decode_dots` ([`quantize`] says what each does). The run
-//! alone of `update_slices_in_place` or `decode_dots` reports
+//! `update_slices_in_place`, `decode_dots` and `shard_calls` ([`quantize`] says what each
+//! does). The run alone of `update_slices_in_place`, `decode_dots` or `shard_calls` reports
 //! `{"pass": name, "handled": [...]}` (entries as in `quantize`'s report).
 //!
 //! Options are JSON objects read with serde (`options.rs`): unknown keys are refused, and each
@@ -84,6 +85,8 @@
 //!   of a few rows with a large operand, such as attention over the KV cache, become
 //!   `fp8xla_dot_f32`); `decode_dots_min_bytes` (default 65536): the least size of that large
 //!   operand.
+//! - `shard_calls` (default `true`): whether the pass `shard_calls` runs last (fp8xla calls on
+//!   operands the module shards over a mesh run per shard; nothing happens without a mesh).
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
 //!
 //! Sites are the `dot_general` ops with a weight operand, numbered in pre-order over the module
@@ -122,11 +125,12 @@
 //!               "lhs_contracting_dims", "rhs_contracting_dims", "lhs_batching_dims",
 //!               "rhs_batching_dims", "output_transpose", "a_scale", "dropped_attributes"}],
 //!  "handled": [{"kind": "while" | "call" | "clone" | "transpose" | "transpose_folded" |
-//!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv", "arg",
+//!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv" |
+//!               "shard", "arg",
 //!               "function", "loc",
 //!               "detail" | "reason"}],
 //!  (in this order: folded transposes, gathers, the weights' flow through loops, calls and
-//!   transposes, dequantized uses, in-place updates, decode dots)
+//!   transposes, dequantized uses, in-place updates, decode dots, sharded calls)
 //!  "skipped": [{"arg" | "site", "reason", …}]}
 //! ```
 //!
@@ -161,6 +165,7 @@ pub mod pipeline;
 pub mod print;
 pub mod quantize;
 mod registry;
+pub mod shard;
 pub mod verify;
 
 use std::collections::HashMap;

@@ -256,6 +256,10 @@ pub(crate) struct QuantizeJson {
     pub decode_dots_min_bytes: Option<Index>,
     #[serde(default)]
     pub args: Option<Vec<ArgName>>,
+    /// Whether the pass `shard_calls` runs last (default true; nothing to do unless the
+    /// module has a mesh and sharded arguments).
+    #[serde(default)]
+    pub shard_calls: Option<bool>,
 }
 
 /// The options of `instrument`.
@@ -276,6 +280,14 @@ pub(crate) struct InstrumentJson {
 pub(crate) struct DecodeDotsJson {
     #[serde(default)]
     pub min_bytes: Option<Index>,
+}
+
+/// The options of `shard_calls` run alone.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ShardCallsJson {
+    #[serde(default)]
+    pub entry: Option<String>,
 }
 
 /// The options of a pass that takes none: `{}`.

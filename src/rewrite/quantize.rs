@@ -7,7 +7,7 @@
 //!   matmuls read the weight in its own layout);
 //! - `quantize_gathers`: embedding gathers take FP8 rows ([`super::gather`]);
 //! - `dequantize_other_uses`: any other use gets `convert` + `multiply` by the scale;
-//! - then, unless turned off, `update_slices_in_place` and `decode_dots`,
+//! - then, unless turned off, `update_slices_in_place`, `decode_dots` and `shard_calls`,
 //!
 //! verifying the module after each ([`super::pipeline`]).
 
@@ -25,6 +25,7 @@ use super::ir::{Dim, ElementType, Module, Op, TensorType, Type};
 use super::loc_json;
 use super::options::{self, arg_paths, opt_err, QuantizeJson, WeightSpec};
 use super::pipeline::{self, Context, Pass};
+use super::shard::ShardCalls;
 use super::RewriteError;
 use crate::fp8::Format;
 use crate::layout;
@@ -42,6 +43,8 @@ pub(crate) struct Options {
     /// `Some(least streamed bytes)` when decode-shaped float32 dots are rewritten.
     decode_dots: Option<usize>,
     paths: BTreeMap<usize, String>,
+    /// Whether `shard_calls` runs last.
+    shard_calls: bool,
 }
 
 impl Options {
@@ -77,6 +80,7 @@ impl Options {
                     .map_or(decode_dot::MIN_STREAMED_BYTES, |b| b.0),
             ),
             paths: arg_paths(&json.args),
+            shard_calls: json.shard_calls.unwrap_or(true),
         })
     }
 }
@@ -119,6 +123,12 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
     }
     if let Some(pass) = &decode_dots {
         passes.push(pass);
+    }
+    let shard = ShardCalls {
+        entry: weights.opts.entry.clone(),
+    };
+    if weights.opts.shard_calls {
+        passes.push(&shard);
     }
     pipeline::run(&mut cx, &mut weights, &passes)?;
     let report = weights.report(&cx);

@@ -6,8 +6,9 @@ use serde_json::json;
 use super::decode_dot::{DecodeDots, MIN_STREAMED_BYTES};
 use super::inplace::UpdateSlicesInPlace;
 use super::ir::Pos;
-use super::options::{self, DecodeDotsJson, NoOptions};
+use super::options::{self, DecodeDotsJson, NoOptions, ShardCallsJson};
 use super::pipeline::{self, Context, Pass};
+use super::shard::ShardCalls;
 use super::{instrument, quantize, RewriteError};
 
 /// The names [`run_pass`] knows.
@@ -16,6 +17,7 @@ pub const PASSES: &[&str] = &[
     "instrument",
     "update_slices_in_place",
     "decode_dots",
+    "shard_calls",
 ];
 
 /// Runs pass `name` on the module text with its JSON options; returns the rewritten module and
@@ -36,6 +38,11 @@ pub fn run_pass(
             let o: DecodeDotsJson = options::parse(options_json, "the decode_dots options")?;
             let min_bytes = o.min_bytes.map_or(MIN_STREAMED_BYTES, |b| b.0);
             run_alone(module_text, &DecodeDots { min_bytes })
+        }
+        "shard_calls" => {
+            let o: ShardCallsJson = options::parse(options_json, "the shard_calls options")?;
+            let entry = o.entry.unwrap_or_else(|| "main".into());
+            run_alone(module_text, &ShardCalls { entry })
         }
         other => Err(RewriteError::new(
             "pass",

@@ -28,6 +28,8 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"pip install keras-hub): {e}") from e
 
 from .. import graph, ops, runtime
+from . import distribution
+from .distribution import gemma3_layout_map  # noqa: F401  (public API)
 from ..runtime import QuantizedWeight, StaticQuantConfig, logits  # noqa: F401  (public API)
 from ..saving import Fp8Gemma3CausalLM, PresetError, load, save  # noqa: F401  (public API)
 
@@ -38,7 +40,8 @@ except ImportError:  # sentencepiece missing: only the default model needs it
 
 __all__ = [
     "Fp8Gemma3CausalLM", "PresetError", "QuantizedWeight", "StaticQuantConfig", "calibrate",
-    "float_generate_function", "load", "logits", "print_model", "quantize_model", "save",
+    "float_generate_function", "gemma3_layout_map", "load", "logits", "print_model",
+    "quantize_model", "save",
 ]
 
 
@@ -97,7 +100,9 @@ def calibrate(model, calib_function, weight_indices=None):
                         f"fp8xla.keras: calibration saw {s.nonfinite} NaN/inf activations at "
                         f"the input of {model.trainable_variables[var].path}")
                 amax[var] = max(amax.get(var, 0.0), s.amax)
-    return amax
+    # Every device of this process recorded into the same table; other processes' devices
+    # saw other data (or other shards): the scale is the maximum over all of them.
+    return distribution.max_over_processes(amax)
 
 
 def quantize_model(model, config: StaticQuantConfig, calib_function=None):
@@ -122,7 +127,7 @@ def quantize_model(model, config: StaticQuantConfig, calib_function=None):
         var = model.trainable_variables[i]
         if i not in dims:
             continue  # not used by a matmul in the generate step
-        w = np.asarray(var.value, np.float32)
+        w = np.asarray(distribution.host_value(var.value), np.float32)
         channel_dim = None
         if config.granularity == "per_channel" and not _is_embedding(var):
             free = dims[i]
