@@ -400,7 +400,10 @@ def quantize(fn, params, *example_args, config: StaticQuantConfig | None = None,
     exp = module.export(specs, example_args)
     index = module.flat_index()
     free, gathers = _probe(exp, candidates, index)
-    chosen = [i for i in candidates if i in free or (i in gathers and config.quantize_embeddings)]
+    # quantize_embeddings=False keeps every leaf a gather reads in float, tied ones too (as
+    # the Keras path keeps the embedding table).
+    chosen = [i for i in candidates if (i in free or i in gathers)
+              and (config.quantize_embeddings or i not in gathers)]
     if not chosen:
         raise ValueError(
             f"fp8xla.jax.quantize: no quantizable leaf: none of the {len(candidates)} float "
