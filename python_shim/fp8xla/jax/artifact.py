@@ -83,7 +83,7 @@ def save(q, directory):
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     for path, x in zip(q._module.paths, jax.tree_util.tree_leaves(q.params)):
-        a = np.ascontiguousarray(np.asarray(x))
+        a = np.require(np.asarray(x), requirements="C")  # (ascontiguousarray makes 0-d 1-d)
         if a.dtype not in _ST_DTYPES:
             raise TypeError(f"fp8xla.jax.save: leaf {path!r} has dtype {a.dtype}, which the "
                             "safetensors format has no name for")
