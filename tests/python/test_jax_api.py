@@ -309,6 +309,9 @@ def test_nonfinite_calibration_and_wrong_parameters(rng):
     q = fj.quantize(mlp, p, x, config=StaticQuantConfig(activation_dtype=None))
     with pytest.raises(TypeError, match="structure differs"):
         q({"embed": q.params["embed"]}, x)
+    with pytest.raises(TypeError, match="parameter 'embed' must be the FP8 codes "
+                                        r"\(float8_e4m3fn\), got float32; pass q.params"):
+        q(p, x)  # the float parameters
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,6 +220,12 @@ class QuantizedFunction:
             raise TypeError(
                 f"fp8xla.jax: the parameters' structure differs from the quantized ones "
                 f"(expected {self._module.treedef}, got {treedef}); pass q.params")
+        for leaf in self.leaves.values():
+            dt = getattr(leaves[leaf.index], "dtype", None)
+            if dt is None or np.dtype(dt) != ops.fp8_dtype(leaf.format):
+                raise TypeError(
+                    f"fp8xla.jax: parameter {leaf.path!r} must be the FP8 codes "
+                    f"({ops.fp8_dtype(leaf.format)}), got {dt}; pass q.params")
         sig = signature(args)
         run = self._compiled.get(sig)
         if run is None:
