@@ -126,7 +126,8 @@ def test_flax_state_comes_back_as_a_dict_by_path(rng, tmp_path):
     q = fj.quantize(fn, state, x, config=StaticQuantConfig(activation_dtype=None))
     q.save(str(tmp_path / "nnx"))
     m = fj.load(str(tmp_path / "nnx"))
-    assert isinstance(m.params, dict) and m.params["up/kernel/value"].dtype == ml_dtypes.float8_e4m3fn
+    assert isinstance(m.params, dict)
+    assert m.params["up/kernel/value"].dtype == ml_dtypes.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(m(m.params, x)), np.asarray(q(q.params, x)))
 
 

@@ -14,8 +14,8 @@ Which leaves are weights is decided by the graph of ``fn`` (leaves that feed a m
 embedding gather), not by their names; see :func:`quantize`. Nothing here imports Keras.
 """
 from ..config import StaticQuantConfig
-from ._quantize import QuantizedFunction, QuantizedLeaf, print_model, quantize
-from .artifact import ArtifactError, load
+from ._quantize import QuantizedFunction, QuantizedLeaf, load, print_model, quantize
+from .artifact import ArtifactError
 
 __all__ = ["ArtifactError", "QuantizedFunction", "QuantizedLeaf", "StaticQuantConfig", "load",
            "print_model", "quantize"]

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import graph, ops
 from ..config import StaticQuantConfig
+from . import artifact
 
 # Leaf dtypes a weight may have (what the quantize pass takes as a float weight).
 _WEIGHT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float16, jax.numpy.bfloat16))
@@ -246,7 +247,6 @@ class QuantizedFunction:
 
     def save(self, directory):
         """Writes the artifact :func:`fp8xla.jax.load` reads (see :mod:`fp8xla.jax.artifact`)."""
-        from . import artifact
         artifact.save(self, directory)
 
 
@@ -468,3 +468,58 @@ def _calibrate(module, params, specs, act, paths, calib_batches, calib_function)
                else "calib_function never called the function it was given")
             + "), so no activation scale could be set")
     return cal.amax
+
+
+def load(directory) -> QuantizedFunction:
+    """Reads an artifact written by ``q.save(directory)``: returns a callable ``m`` with the
+    FP8 parameters as ``m.params`` (call ``m(m.params, *args)``); it runs the argument
+    signatures that were compiled before saving (see :mod:`fp8xla.jax.artifact`)."""
+    config, leaf_entries, tensors, exports = artifact.read(directory)
+    # The parameters in the structure the modules take them (their first argument).
+    args_tree = exports[0].in_tree.children()[0]
+    params_tree = args_tree.children()[0]
+    n = params_tree.num_leaves
+    placeholder = params_tree.unflatten(range(n))
+    paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0]]
+    avals = exports[0].in_avals[:n]
+    leaves = []
+    for path, aval in zip(paths, avals):
+        a = tensors.get(path)
+        if a is None:
+            raise artifact.ArtifactError(
+                f"fp8xla.jax.load: {artifact.PARAMS} has no tensor {path!r}, which the module "
+                "takes")
+        if tuple(a.shape) != tuple(aval.shape) or a.dtype != np.dtype(aval.dtype):
+            raise artifact.ArtifactError(
+                f"fp8xla.jax.load: tensor {path!r} is {a.dtype}{list(a.shape)}, the module "
+                f"takes {aval.dtype}{list(aval.shape)}")
+        leaves.append(jax.device_put(a))
+    for exp in exports[1:]:
+        if exp.in_tree.children()[0].children()[0] != params_tree:
+            raise artifact.ArtifactError(
+                "fp8xla.jax.load: the modules take parameters of different structures")
+
+    qleaves, float_dtypes, specs = {}, [], []
+    for i, (path, aval) in enumerate(zip(paths, avals)):
+        e = leaf_entries.get(path)
+        if e is None:
+            float_dtypes.append(str(aval.dtype) if np.dtype(aval.dtype)
+                                in _WEIGHT_DTYPES else None)
+            specs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype))
+            continue
+        ws = e["w_scale"]
+        qleaves[path] = QuantizedLeaf(
+            path, i, e["kind"], tuple(e["shape"]), e["dtype"], e["format"],
+            np.asarray(ws, np.float32) if isinstance(ws, list) else float(ws),
+            e["channel_dim"], e["a_scale"])
+        float_dtypes.append(e["dtype"])
+        specs.append(jax.ShapeDtypeStruct(tuple(e["shape"]), e["dtype"]))
+    module = _Module(None, params_tree, paths, plain=True)
+    q = QuantizedFunction(module, config, qleaves, params_tree.unflatten(leaves), specs,
+                          float_dtypes)
+    for exp in exports:
+        args = exp.in_tree.children()[0].unflatten(exp.in_avals)
+        args_specs = [jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x) for x in args]
+        q._exports[signature(tuple(args_specs[1:]))] = exp
+    return q

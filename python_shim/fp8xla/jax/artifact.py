@@ -37,9 +37,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .. import __version__, graph
+from .. import __version__
 from ..config import StaticQuantConfig
-from . import _quantize
 
 FORMAT = "fp8xla.jax artifact"
 VERSION = 1
@@ -76,8 +75,8 @@ def _file_entry(directory, name):
 
 
 def save(q, directory):
-    """Writes ``q`` (a :class:`~fp8xla.jax.QuantizedFunction`) to ``directory`` (created if
-    missing; files of an earlier artifact there are replaced)."""
+    """Writes ``q`` (a :class:`~fp8xla.jax.QuantizedFunction`, what ``q.save`` calls) to
+    ``directory`` (created if missing; files of an earlier artifact there are replaced)."""
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
@@ -172,10 +171,9 @@ def _checked_bytes(directory, entry, what):
     return data
 
 
-def load(directory) -> "_quantize.QuantizedFunction":
-    """Reads an artifact written by ``q.save(directory)``: returns a callable ``m`` with the
-    FP8 parameters as ``m.params`` (call ``m(m.params, *args)``); it runs the argument
-    signatures that were compiled before saving."""
+def read(directory):
+    """The checked contents of an artifact: ``(config, {path: leaf entry}, {name: array},
+    [Exported])``; :func:`fp8xla.jax.load` builds the callable from them."""
     from safetensors import deserialize
 
     m = _read_manifest(directory)
@@ -213,55 +211,7 @@ def load(directory) -> "_quantize.QuantizedFunction":
         except Exception as e:  # flatbuffers/jax raise various errors on bad input
             raise ArtifactError(f"fp8xla.jax.load: {directory}/{entry['name']} is not a "
                                 f"serialized jax.export module ({e})") from e
-
-    # The parameters in the structure the modules take them (their first argument).
-    args_tree = exports[0].in_tree.children()[0]
-    params_tree = args_tree.children()[0]
-    n = params_tree.num_leaves
-    placeholder = params_tree.unflatten(range(n))
-    paths = [_quantize.path_string(p)
-             for p, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0]]
-    avals = exports[0].in_avals[:n]
-    leaves = []
-    for path, aval in zip(paths, avals):
-        a = tensors.get(path)
-        if a is None:
-            raise ArtifactError(f"fp8xla.jax.load: {PARAMS} has no tensor {path!r}, which the "
-                                "module takes")
-        if tuple(a.shape) != tuple(aval.shape) or a.dtype != np.dtype(aval.dtype):
-            raise ArtifactError(
-                f"fp8xla.jax.load: tensor {path!r} is {a.dtype}{list(a.shape)}, the module "
-                f"takes {aval.dtype}{list(aval.shape)}")
-        leaves.append(jax.device_put(a))
-    for exp in exports[1:]:
-        if exp.in_tree.children()[0].children()[0] != params_tree:
-            raise ArtifactError("fp8xla.jax.load: the modules take parameters of different "
-                                "structures")
-
-    qleaves, float_dtypes, specs = {}, [], []
-    for i, (path, aval) in enumerate(zip(paths, avals)):
-        e = leaf_entries.get(path)
-        if e is None:
-            float_dtypes.append(str(aval.dtype) if np.dtype(aval.dtype)
-                                in _quantize._WEIGHT_DTYPES else None)
-            specs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype))
-            continue
-        ws = e["w_scale"]
-        qleaves[path] = _quantize.QuantizedLeaf(
-            path, i, e["kind"], tuple(e["shape"]), e["dtype"], e["format"],
-            np.asarray(ws, np.float32) if isinstance(ws, list) else float(ws),
-            e["channel_dim"], e["a_scale"])
-        float_dtypes.append(e["dtype"])
-        specs.append(jax.ShapeDtypeStruct(tuple(e["shape"]), e["dtype"]))
-    module = _quantize._Module(None, params_tree, paths, plain=True)
-    q = _quantize.QuantizedFunction(module, config, qleaves, params_tree.unflatten(leaves),
-                                    specs, float_dtypes)
-    for exp in exports:
-        args = exp.in_tree.children()[0].unflatten(exp.in_avals)
-        args_specs = [jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x) for x in args]
-        q._exports[_quantize.signature(tuple(args_specs[1:]))] = exp
-    return q
+    return config, leaf_entries, tensors, exports
 
 
-__all__ = ["ArtifactError", "load", "save", "FORMAT", "VERSION"]
+__all__ = ["ArtifactError", "FORMAT", "VERSION", "read", "save"]
