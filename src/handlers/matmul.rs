@@ -14,6 +14,7 @@ use half::bf16;
 use std::borrow::Cow;
 
 const ATTRS: &[&str] = &[
+    "a_dynamic",
     "a_format",
     "a_scale",
     "lhs_batching_dims",
@@ -159,6 +160,14 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
             ))
         })?,
     };
+    // Dynamic activation scales (one per row of the packed lhs, at run time): act_quant.rs.
+    let a_dynamic = attrs.opt_bool("a_dynamic")?.unwrap_or(false);
+    if a_dynamic && a_scale.is_some() {
+        return Err(FfiError::invalid(
+            "attributes `a_dynamic` and `a_scale`: expected at most one (dynamic per-row or \
+             static activation scales), got both",
+        ));
+    }
     let scale_vec;
     let w_scale = match call.num_args() {
         2 => {
@@ -226,6 +235,11 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
     // lhs that is already packed (the usual decode case) is read straight from XLA's buffer:
     // not copied at all without a QDQ, and QDQ-ed without a gather with one.
     let quantized = |src: &[f32]| {
+        if a_dynamic {
+            let mut q = vec![0f32; src.len()];
+            super::act_quant::qdq_rows(a_format, plan.k, src, &mut q);
+            return Some(q);
+        }
         a_scale.map(|s| {
             let mut q = vec![0f32; src.len()];
             fp8::qdq(a_format, s, src, &mut q);

@@ -18,6 +18,8 @@ INC's module layout is mirrored where its examples import from it:
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 try:
@@ -27,8 +29,10 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "fp8xla.keras needs Keras and Keras-Hub (install fp8xla with its `keras` extra, or "
         f"pip install keras-hub): {e}") from e
 
-from .. import graph, ops, runtime
-from ..runtime import QuantizedWeight, StaticQuantConfig, logits  # noqa: F401  (public API)
+from .. import graph, ops, runtime, weight_rounding
+from . import _gram
+from ..runtime import (  # noqa: F401  (public API)
+    DynamicQuantConfig, QuantConfig, QuantizedWeight, StaticQuantConfig, logits)
 from ..saving import Fp8Gemma3CausalLM, PresetError, load, save  # noqa: F401  (public API)
 
 try:  # registers the preprocessor class of the default model, which its presets name
@@ -37,7 +41,8 @@ except ImportError:  # sentencepiece missing: only the default model needs it
     pass
 
 __all__ = [
-    "Fp8Gemma3CausalLM", "PresetError", "QuantizedWeight", "StaticQuantConfig", "calibrate",
+    "DynamicQuantConfig", "Fp8Gemma3CausalLM", "PresetError", "QuantConfig", "QuantizedWeight",
+    "StaticQuantConfig", "calibrate",
     "float_generate_function", "load", "logits", "print_model", "quantize_model", "save",
 ]
 
@@ -100,45 +105,100 @@ def calibrate(model, calib_function, weight_indices=None):
     return amax
 
 
-def quantize_model(model, config: StaticQuantConfig, calib_function=None):
+def quantize_model(model, config: QuantConfig, calib_function=None):
     """Quantizes ``model`` in place to FP8 and returns it; its ``generate()`` then runs FP8.
 
+    ``config`` is a :class:`StaticQuantConfig` or a :class:`DynamicQuantConfig`.
     ``calib_function(model)`` must call ``model.generate`` on representative prompts; it is
-    required when ``config.activation_dtype`` is set (static activation scales)."""
+    required for static activation scales (a StaticQuantConfig with ``activation_dtype``) and
+    for
+    ``rounding="gptq"`` (the Gram matrices of the weights' inputs; it then runs twice, once on
+    the float model for the Gram matrices and once instrumented for the activation scales)."""
     _check_model(model)
-    if not isinstance(config, StaticQuantConfig):
-        raise TypeError(f"fp8xla.keras.quantize_model: config must be a StaticQuantConfig, "
-                        f"got {type(config).__name__}")
-    if config.a_format and calib_function is None:
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"fp8xla.keras.quantize_model: config must be a StaticQuantConfig or "
+                        f"a DynamicQuantConfig, got {type(config).__name__}")
+    static_activations = bool(config.a_format) and not config.dynamic
+    if static_activations and calib_function is None:
         raise ValueError("fp8xla.keras.quantize_model: activation quantization needs a "
                          "calib_function (or use activation_dtype=None for weight-only)")
+    if config.rounding == "gptq" and calib_function is None:
+        raise ValueError("fp8xla.keras.quantize_model: rounding='gptq' needs a calib_function "
+                         "(the Gram matrices of the weights' inputs come from it)")
     candidates = _quantizable_variables(model, config)
     if not candidates:
         raise ValueError(_no_quantizable_layers(model))
-    amax = calibrate(model, calib_function, candidates) if config.a_format else {}
+    grams = {}
+    if config.rounding == "gptq":
+        _progress("collecting the Gram matrices of the weights' inputs (calib_function)")
+        grams = _gram.collect_grams(model, calib_function, candidates)
+    amax = calibrate(model, calib_function, candidates) if static_activations else {}
     dims = _matmul_dims(model, candidates)
     qweights = {}
-    for i in candidates:
+    todo = [i for i in candidates if i in dims]  # others: not used by a matmul of the step
+    for n, i in enumerate(todo):
         var = model.trainable_variables[i]
-        if i not in dims:
-            continue  # not used by a matmul in the generate step
         w = np.asarray(var.value, np.float32)
         channel_dim = None
-        if config.granularity == "per_channel" and not _is_embedding(var):
+        if config.granularity == "per_channel":
+            # the embedding's free dim at the tied logits is its rows: one scale per row
             free = dims[i]
             channel_dim = max(free, key=lambda d: (w.shape[d], d)) if free else None
-        codes, scale = ops.quantize_weight(w, config.w_format, channel_dim)
-        a_scale = None
-        if config.a_format and i in amax and not any(
-                name in var.path for name in config.float_activation_layers):
+        codes, scale = _quantize_weight(w, config, channel_dim, grams.get(i), _is_embedding(var),
+                                        f"{n + 1}/{len(todo)} {var.path}")
+        a_scale, a_dynamic = None, False
+        float_activations = any(name in var.path for name in config.float_activation_layers)
+        if config.a_format and config.dynamic and not float_activations:
+            a_dynamic = True
+        elif config.a_format and i in amax and not float_activations:
             a_scale = ops.scale_for(amax[i], config.a_format)
-        qweights[i] = QuantizedWeight(i, var.path, codes, scale, channel_dim, a_scale)
+        qweights[i] = QuantizedWeight(i, var.path, codes, scale, channel_dim, a_scale, a_dynamic)
     if not qweights:
         raise ValueError(_no_quantizable_layers(model))
     runtime.install(model, config, qweights)
     if not isinstance(model, Fp8Gemma3CausalLM):
         _give_fp8_methods(model)
     return model
+
+
+def _progress(message):
+    print(f"[fp8xla] {message}", flush=True)
+
+
+def _quantize_weight(w, config, channel_dim, site, is_embedding, name):
+    """FP8 codes and scale(s) of one weight as ``config`` asks (see
+    :mod:`fp8xla.weight_rounding`); ``site`` holds the Gram matrix of its inputs for GPTQ."""
+    fmt = config.w_format
+    if config.weight_scale == "search":
+        scale = weight_rounding.search_scales(w, fmt, channel_dim)
+    else:
+        scale = weight_rounding.amax_scales(w, fmt, channel_dim)
+    if config.rounding != "gptq":
+        return weight_rounding.round_to_nearest(w, fmt, scale, channel_dim), scale
+    if site is None:
+        _progress(f"GPTQ {name}: no calibration input reached it, rounded to nearest")
+        return weight_rounding.round_to_nearest(w, fmt, scale, channel_dim), scale
+    # W as [K, N] (contracted axes first) with one scale per column
+    full_scale = np.broadcast_to(
+        weight_rounding.broadcast_scale(scale, w.shape, channel_dim), w.shape)
+    wm = weight_rounding.kernel_matrix(w, site.contract)
+    sm = weight_rounding.kernel_matrix(full_scale, site.contract)
+    if not np.all(sm == sm[:1]):
+        raise ValueError(f"fp8xla.keras: GPTQ on {name}: its scales vary along the contracted "
+                         "axes; use per-channel scales on an output axis")
+    damp = config.gptq_embedding_damp if is_embedding else config.gptq_damp
+    last = [0.0]
+    start = time.perf_counter()
+
+    def progress(done, total):
+        now = time.perf_counter()
+        if now - last[0] > 5 or done == total:
+            last[0] = now
+            _progress(f"GPTQ {name} {tuple(w.shape)}: {done}/{total} columns, "
+                      f"{now - start:.0f} s")
+
+    codes_m = weight_rounding.gptq(wm, site.gram, fmt, sm[0], damp=damp, progress=progress)
+    return weight_rounding.from_kernel_matrix(codes_m, w.shape, site.contract), scale
 
 
 def _give_fp8_methods(model):
@@ -166,7 +226,8 @@ def _give_fp8_methods(model):
 
 def _no_quantizable_layers(model):
     return (f"fp8xla.keras.quantize_model: {type(model).__name__} has no quantizable layers: "
-            "no trainable float weight of rank >= 2 feeds a matmul of its generate step "
+            "no trainable float weight of rank >= 2 (selected by the config's white_list, if "
+            "any) feeds a matmul of its generate step "
             "(fp8xla quantizes trainable variables; frozen ones, e.g. after enable_lora(), "
             "stay as they are)")
 
@@ -175,12 +236,24 @@ def _is_embedding(var):
     return "embedding" in var.path
 
 
+def _owning_layers(model):
+    """``{id(variable): the innermost layer that holds it}``."""
+    owner = {}
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for v in layer.weights:
+            owner[id(v)] = layer  # parents come first, so the innermost layer wins
+    return owner
+
+
 def _quantizable_variables(model, config):
     out = []
+    owner = _owning_layers(model) if config.white_list is not None else {}
     for i, v in enumerate(model.trainable_variables):
         if len(v.shape) < 2 or "float" not in str(v.dtype):
             continue
         if _is_embedding(v) and not config.quantize_embeddings:
+            continue
+        if not config.selects(v.path, owner.get(id(v))):
             continue
         out.append(i)
     return out
@@ -213,23 +286,31 @@ def _matmul_dims(model, candidates):
 def print_model(model, file=None):
     """Lists the model's weight matrices (trainable variables of rank >= 2): path, kind, how
     they are stored, activation scale and weight scale (``-`` where there is none: a float
-    weight, or a model not quantized by fp8xla)."""
+    weight, or a model not quantized by fp8xla; ``dynamic``: per-row activation scales
+    computed at run time), then how many run in FP8 and which are kept in float."""
     state = getattr(model, "fp8", None)
     quantized = state.weights if state is not None else {}
     lines = [f"{'layer':58s} {'kind':8s} {'stored as':14s} {'a_scale':>12s} {'w_scale':>24s}"]
+    kept = []
     for i, v in enumerate(model.trainable_variables):
         if len(v.shape) < 2:
             continue
         kind = "embed" if _is_embedding(v) else "matmul"
         q = quantized.get(i)
         if q is None:
+            kept.append(v)
             lines.append(f"{v.path:58s} {kind:8s} {str(v.dtype):14s} {'-':>12s} {'-':>24s}")
             continue
-        a = f"{q.a_scale:.6g}" if q.a_scale is not None else "-"
+        a = "dynamic" if q.a_dynamic else f"{q.a_scale:.6g}" if q.a_scale is not None else "-"
         if q.channel_dim is None:
             w = f"{float(q.w_scale):.6g}"
         else:
             s = np.asarray(q.w_scale)
             w = f"[{s.min():.3g}..{s.max():.3g}] dim {q.channel_dim}"
         lines.append(f"{q.path:58s} {kind:8s} {str(q.codes.dtype):14s} {a:>12s} {w:>24s}")
+    if state is not None:
+        float_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in kept)
+        lines.append(f"{len(quantized)} weight matrices in FP8, {len(kept)} kept in float "
+                     f"({float_bytes / 2**20:.1f} MiB)"
+                     + (": " + ", ".join(v.path for v in kept) if kept else ""))
     print("\n".join(lines), file=file)
