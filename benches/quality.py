@@ -36,6 +36,8 @@ SCHEMES = {
     "rtn-wa": dict(activation_dtype="fp8_e4m3"),
     "gptq-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq"),
     "gptq-e5m2": dict(weight_dtype="fp8_e5m2", activation_dtype=None, rounding="gptq"),
+    "gptq-dynamic": dict(activation_dtype="fp8_e4m3", rounding="gptq", _dynamic=True),
+    "rtn-dynamic": dict(activation_dtype="fp8_e4m3", _dynamic=True),
 }
 
 
@@ -71,7 +73,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     from fp8xla import models, perplexity
-    from fp8xla.keras import StaticQuantConfig, _gram, quantize_model
+    from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, _gram, quantize_model
 
     results_path = os.path.join(args.out, "quality.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
@@ -110,20 +112,22 @@ def main(argv=None):
     for name in args.schemes.split(","):
         settings = dict(SCHEMES[name])
         per_tensor_embedding = settings.pop("_embedding_per_tensor", False)
-        config = StaticQuantConfig(**settings)
+        kind = DynamicQuantConfig if settings.pop("_dynamic", False) else StaticQuantConfig
+        config = kind(**settings)
         model = models.load_model(args.model)
         t0 = time.perf_counter()
         if per_tensor_embedding:  # today's default before per-row embedding scales
             model = _quantize_embedding_per_tensor(model, config, calib)
         else:
-            needs_calib = config.activation_dtype or config.rounding == "gptq"
+            needs_calib = (config.activation_dtype and not config.dynamic) or \
+                config.rounding == "gptq"
             model = quantize_model(model, config, calib if needs_calib else None)
         quantize_seconds = time.perf_counter() - t0
         r = perplexity.gpl3_perplexity(model, progress=True)
         fp8_bytes = sum(np.asarray(q.codes).nbytes + np.asarray(q.w_scale).nbytes
                         for q in model.fp8.weights.values())
         results[name] = {
-            "config": settings, "perplexity": r.perplexity,
+            "config": {"kind": kind.__name__, **settings}, "perplexity": r.perplexity,
             "delta_percent": 100 * (r.perplexity / base - 1),
             "top1_agreement": float(np.mean(r.predictions == float_pred)),
             "quantize_seconds": quantize_seconds, "fp8_weight_bytes": int(fp8_bytes)}

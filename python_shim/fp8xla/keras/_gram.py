@@ -124,16 +124,29 @@ class GramCollector:
         return False
 
 
+def _stock_generate_function(model):
+    """Keras-Hub's own jit-compiled generate step (so that the hooks are traced into it)."""
+    model.generate_function = None
+    stock = model.make_generate_function()
+
+    def generate_function(inputs, stop_token_ids=None):
+        outputs = stock(inputs, stop_token_ids)
+        # Keras-Hub 0.32 returns "images": None without a preprocessor; generate() fails on it
+        return {k: v for k, v in outputs.items() if v is not None}
+
+    return generate_function
+
+
 def collect_grams(model, calib_function, indices):
     """Runs ``calib_function(model)`` on the float model with its layers hooked; returns
     ``{trainable variable index: Site}`` for the weights that saw calibration input."""
     saved = {name: getattr(model, name, None)
              for name in ("generate_function", "predict_function")}
     # Keras(-Hub) caches its compiled steps; new ones are traced with the hooks in place.
-    model.generate_function = None
     model.predict_function = None
     try:
         with GramCollector(model, indices) as collector:
+            model.generate_function = _stock_generate_function(model)
             calib_function(model)
             jax.effects_barrier()
     finally:
