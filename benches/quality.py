@@ -41,14 +41,17 @@ SCHEMES = {
 }
 
 
-def calibration_passages(chars=1500):
+def calibration_passages(chars=1500, count=None):
     """The calibration licences cut into passages of about ``chars`` characters (longer than
-    the 256-token window they are generated in, so each fills it)."""
+    the 256-token window they are generated in, so each fills it); ``count`` of them, taken
+    evenly across the licences, or all."""
     out = []
     for name in CALIBRATION_LICENCES:
         with open(os.path.join(LICENCE_DIR, name), encoding="utf-8") as f:
             text = " ".join(f.read().split())
         out += [text[i:i + chars] for i in range(0, len(text) - chars // 2, chars)]
+    if count is not None and count < len(out):
+        out = [out[round(i * len(out) / count)] for i in range(count)]
     return out
 
 
@@ -69,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="gemma3_270m")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--calib-passages", type=int, default=None,
+                    help="calibrate on this many 256-token passages (default: all, ~46)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -108,7 +113,8 @@ def main(argv=None):
         return grams
 
     _gram.collect_grams = cached_collect
-    calib = calibration_function(calibration_passages())
+    calib = calibration_function(calibration_passages(count=args.calib_passages))
+    results["calibration_passages"] = len(calibration_passages(count=args.calib_passages))
     for name in args.schemes.split(","):
         settings = dict(SCHEMES[name])
         per_tensor_embedding = settings.pop("_embedding_per_tensor", False)

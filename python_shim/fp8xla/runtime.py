@@ -10,6 +10,7 @@ once per input signature), with the FP8 codes in place of the float weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -50,6 +51,7 @@ class QuantConfig:
         the tied embedding's from the final hidden states, the same codes serve the lookup).
     gptq_damp, gptq_embedding_damp: GPTQ's damping (fraction of the Gram matrix's mean
         diagonal) for the linear layers and for the embedding.
+    float_weights: paths of weights kept in float (what ``autotune`` falls back to).
     """
 
     weight_dtype: str = "fp8_e4m3"
@@ -62,6 +64,7 @@ class QuantConfig:
     rounding: str = "rtn"
     gptq_damp: float = 0.01
     gptq_embedding_damp: float = 0.1
+    float_weights: tuple = ()
 
     #: Activation scales computed per row at run time (DynamicQuantConfig) or static.
     dynamic = False
@@ -105,10 +108,23 @@ class QuantConfig:
                     raise TypeError(f"{kind}: white_list entries must be path patterns (str) "
                                     f"or layer types, got {item!r}")
             object.__setattr__(self, "white_list", items)
+        if isinstance(self.float_weights, str) or not all(
+                isinstance(p, str) for p in self.float_weights):
+            raise TypeError(f"{kind}: float_weights must be weight paths (a sequence of str), "
+                            f"got {self.float_weights!r}")
+        object.__setattr__(self, "float_weights", tuple(self.float_weights))
+
+    def describe(self) -> str:
+        """The class and the fields that differ from their defaults."""
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if f.name != "float_weights" and getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def selects(self, path, layer=None) -> bool:
         """Whether the white list (None: everything) names the weight at ``path`` (owned by
         ``layer``)."""
+        if path in self.float_weights:
+            return False
         if self.white_list is None:
             return True
         return any(re.search(item, path) if isinstance(item, str)

@@ -117,3 +117,59 @@ def test_white_list_by_path_and_type(capsys):
     with pytest.raises(ValueError, match="no quantizable layers"):
         quantize_model(tiny_gemma3(), StaticQuantConfig(activation_dtype=None,
                                                         white_list=["nothing-matches"]))
+
+
+def closeness(x, want):
+    """Higher is better, 1 for the float model: INC's eval_fn contract."""
+    def eval_fn(model):
+        return 1.0 / (1.0 + float(np.mean((float_logits(model, x) - want) ** 2)))
+    return eval_fn
+
+
+def test_autotune_falls_back_the_most_sensitive_weights(rng, capsys):
+    from fp8xla.keras import TuningConfig, autotune
+
+    x = prompts(np.random.default_rng(5), 4, length=12, filled=12)
+    model = tiny_gemma3()
+    eval_fn = closeness(x, float_logits(model, x))
+    config = StaticQuantConfig(activation_dtype=None, weight_dtype="fp8_e5m2")
+    # the loss of the all-FP8 e5m2 model, measured the same way
+    probe = quantize_model(tiny_gemma3(), config)
+    loss = 1 - eval_fn(probe)
+    assert loss > 0
+    autotune(model, TuningConfig(config_set=[config], tolerable_loss=loss / 3, max_trials=12),
+             eval_fn, calib_function=calib(np.random.default_rng(1)))
+    result = model.fp8.tuning
+    assert result.best is not None and result.best.meets and result.best.float_weights
+    assert result.trials[0].float_weights == ()  # the config alone was tried first
+    assert [len(t.float_weights) for t in result.trials[1:]] == [
+        min(2 ** n, 2 * 7) for n in range(len(result.trials) - 1)]
+    # the model holds the chosen candidate: its score, those weights in float
+    assert 1 - eval_fn(model) <= loss / 3
+    kept = {q.path for q in model.fp8.weights.values()}
+    assert not kept & set(result.best.float_weights)
+    out = capsys.readouterr().out
+    assert "kept in float: " + result.best.float_weights[0] in out
+    print_model(model)
+    assert "kept in float" in capsys.readouterr().out
+
+
+def test_autotune_takes_the_first_config_that_meets_and_errors_when_none_does():
+    from fp8xla.keras import TuningConfig, autotune
+    from fp8xla.tuning import TuningError
+
+    x = prompts(np.random.default_rng(5), 2, length=12, filled=12)
+    model = tiny_gemma3()
+    eval_fn = closeness(x, float_logits(model, x))
+    configs = [StaticQuantConfig(activation_dtype=None, weight_dtype="fp8_e5m2"),
+               StaticQuantConfig(activation_dtype=None)]
+    autotune(model, TuningConfig(config_set=configs, tolerable_loss=1.0), eval_fn)
+    assert len(model.fp8.tuning.trials) == 1 and model.fp8.config.weight_dtype == "fp8_e5m2"
+    model = tiny_gemma3()
+    with pytest.raises(TuningError, match="no config met tolerable_loss=0 .* within 2 trial"):
+        autotune(model, TuningConfig(config_set=configs, tolerable_loss=0, max_trials=2),
+                 eval_fn)
+    assert getattr(model, "fp8", None) is None  # float again
+    np.testing.assert_allclose(float_logits(model, x), float_logits(tiny_gemma3(), x))
+    with pytest.raises(ValueError, match="TuningConfig: config_set is empty"):
+        TuningConfig(config_set=[])

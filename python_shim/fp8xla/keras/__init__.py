@@ -18,6 +18,7 @@ INC's module layout is mirrored where its examples import from it:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"pip install keras-hub): {e}") from e
 
 from .. import graph, ops, runtime, weight_rounding
+from ..tuning import TuningConfig  # noqa: F401  (public API, INC's name)
 from . import _gram
 from ..runtime import (  # noqa: F401  (public API)
     DynamicQuantConfig, QuantConfig, QuantizedWeight, StaticQuantConfig, logits)
@@ -42,7 +44,7 @@ except ImportError:  # sentencepiece missing: only the default model needs it
 
 __all__ = [
     "DynamicQuantConfig", "Fp8Gemma3CausalLM", "PresetError", "QuantConfig", "QuantizedWeight",
-    "StaticQuantConfig", "calibrate",
+    "StaticQuantConfig", "TuningConfig", "autotune", "calibrate",
     "float_generate_function", "load", "logits", "print_model", "quantize_model", "save",
 ]
 
@@ -111,9 +113,15 @@ def quantize_model(model, config: QuantConfig, calib_function=None):
     ``config`` is a :class:`StaticQuantConfig` or a :class:`DynamicQuantConfig`.
     ``calib_function(model)`` must call ``model.generate`` on representative prompts; it is
     required for static activation scales (a StaticQuantConfig with ``activation_dtype``) and
-    for
-    ``rounding="gptq"`` (the Gram matrices of the weights' inputs; it then runs twice, once on
-    the float model for the Gram matrices and once instrumented for the activation scales)."""
+    for ``rounding="gptq"`` (the Gram matrices of the weights' inputs; it then runs twice,
+    once on the float model for the Gram matrices and once instrumented for the activation
+    scales)."""
+    return _quantize(model, config, calib_function, {})
+
+
+def _quantize(model, config, calib_function, cache):
+    """:func:`quantize_model`, reusing what ``cache`` holds from earlier calls on the same
+    float model and calibration (Gram matrices, activation ranges, matmul dims, FP8 codes)."""
     _check_model(model)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"fp8xla.keras.quantize_model: config must be a StaticQuantConfig or "
@@ -130,10 +138,21 @@ def quantize_model(model, config: QuantConfig, calib_function=None):
         raise ValueError(_no_quantizable_layers(model))
     grams = {}
     if config.rounding == "gptq":
-        _progress("collecting the Gram matrices of the weights' inputs (calib_function)")
-        grams = _gram.collect_grams(model, calib_function, candidates)
-    amax = calibrate(model, calib_function, candidates) if static_activations else {}
-    dims = _matmul_dims(model, candidates)
+        grams = _cached_grams(model, calib_function, candidates, cache)
+    amax = {}
+    if static_activations:
+        if not set(candidates) <= cache.get("amax_of", set()):
+            cache["amax"] = calibrate(model, calib_function, candidates)
+            cache["amax_of"] = set(candidates)
+        amax = cache["amax"]
+    if not set(candidates) <= cache.get("dims_of", set()):
+        cache["dims"] = _matmul_dims(model, candidates)
+        cache["dims_of"] = set(candidates)
+    dims = cache["dims"]
+    # codes depend on how weights are rounded, not on activations or fallbacks
+    codes_key = (config.w_format, config.granularity, config.weight_scale, config.rounding,
+                 config.gptq_damp, config.gptq_embedding_damp)
+    known = cache.setdefault(codes_key, {})
     qweights = {}
     todo = [i for i in candidates if i in dims]  # others: not used by a matmul of the step
     for n, i in enumerate(todo):
@@ -144,8 +163,10 @@ def quantize_model(model, config: QuantConfig, calib_function=None):
             # the embedding's free dim at the tied logits is its rows: one scale per row
             free = dims[i]
             channel_dim = max(free, key=lambda d: (w.shape[d], d)) if free else None
-        codes, scale = _quantize_weight(w, config, channel_dim, grams.get(i), _is_embedding(var),
-                                        f"{n + 1}/{len(todo)} {var.path}")
+        if i not in known:
+            known[i] = _quantize_weight(w, config, channel_dim, grams.get(i),
+                                        _is_embedding(var), f"{n + 1}/{len(todo)} {var.path}")
+        codes, scale = known[i]
         a_scale, a_dynamic = None, False
         float_activations = any(name in var.path for name in config.float_activation_layers)
         if config.a_format and config.dynamic and not float_activations:
@@ -159,6 +180,134 @@ def quantize_model(model, config: QuantConfig, calib_function=None):
     if not isinstance(model, Fp8Gemma3CausalLM):
         _give_fp8_methods(model)
     return model
+
+
+def autotune(model, tune_config, eval_fn, eval_args=(), calib_function=None, run_fn=None,
+             run_args=()):
+    """INC's accuracy-aware tuning: quantizes ``model`` in place with the first config of
+    ``tune_config.config_set`` whose score ``eval_fn(model, *eval_args)`` (higher is better,
+    e.g. ``1 / perplexity``) is within ``tune_config.tolerable_loss`` (relative) of the float
+    model's; if none is, keeps the most sensitive weights of the best config in float (1, 2, 4,
+    ... of them) until the score is. Returns the model; ``model.fp8.tuning`` is the
+    :class:`fp8xla.tuning.TuningResult` (trials, what was kept in float and its memory), also
+    printed. Raises :class:`fp8xla.tuning.TuningError`, with the model float again, when no
+    candidate within ``max_trials`` meets the tolerance.
+
+    ``calib_function(model)`` (or INC's ``run_fn(model, *run_args)``) calibrates, as in
+    :func:`quantize_model`; it runs once per autotune call for each thing it provides (Gram
+    matrices, activation ranges), which the trials share, as they share FP8 codes.
+
+    Sensitivity of a weight: the relative error its FP8 form causes in its output on the
+    calibration inputs, ``tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)`` with ``H = XᵀX`` (the Gram matrix GPTQ
+    uses); without a calibration function, the weight's own relative error
+    ``|ΔW|² / |W|²``. (Scoring each weight by ``eval_fn`` would take one evaluation per
+    weight.)"""
+    from .. import tuning
+
+    _check_model(model)
+    if run_fn is not None:
+        if calib_function is not None:
+            raise ValueError("fp8xla.keras.autotune: give calib_function or INC's run_fn, not "
+                             "both")
+        calib_function = lambda m: run_fn(m, *run_args)  # noqa: E731
+    if not isinstance(tune_config, tuning.TuningConfig):
+        raise TypeError(f"fp8xla.keras.autotune: tune_config must be a "
+                        f"fp8xla.tuning.TuningConfig, got {type(tune_config).__name__}")
+    for c in tune_config.config_set:
+        if not isinstance(c, QuantConfig):
+            raise TypeError(f"fp8xla.keras.autotune: config_set holds {c!r}; expected "
+                            "StaticQuantConfig or DynamicQuantConfig")
+    if getattr(model, "fp8", None) is not None:
+        raise ValueError("fp8xla.keras.autotune: the model is already quantized; pass the "
+                         "float model")
+    cache = {}
+    variables = model.trainable_variables
+    by_path = {v.path: i for i, v in enumerate(variables)}
+
+    def evaluate(config, fallback):
+        _unquantize(model)
+        config = dataclasses.replace(config, float_weights=config.float_weights + fallback)
+        _quantize(model, config, calib_function, cache)
+        return eval_fn(model, *eval_args)
+
+    def sensitivity(config):
+        _unquantize(model)
+        _quantize(model, config, calib_function, cache)
+        grams = (_cached_grams(model, calib_function, list(model.fp8.weights), cache)
+                 if calib_function is not None else {})
+        scores = {}
+        for i, q in model.fp8.weights.items():
+            w = np.asarray(variables[i].value, np.float32)
+            dw = w - weight_rounding.dequantize(q.codes, q.w_scale, q.channel_dim)
+            site = grams.get(i)
+            if site is None:
+                scores[q.path] = float(np.sum(dw * dw) / max(np.sum(w * w), 1e-30))
+                continue
+            h = site.gram.astype(np.float32)
+            dm = weight_rounding.kernel_matrix(dw, site.contract)
+            wm = weight_rounding.kernel_matrix(w, site.contract)
+            scores[q.path] = float(np.sum((h @ dm) * dm) / max(np.sum((h @ wm) * wm), 1e-30))
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        _progress("autotune sensitivity (relative output error on the calibration inputs), "
+                  "most sensitive first: " + ", ".join(
+                      f"{p} {scores[p]:.3g}" for p in ranked[:8]) + (" ..." if len(ranked) > 8
+                                                                     else ""))
+        return ranked
+
+    def float_bytes(paths):
+        total = 0
+        for p in paths:
+            v = variables[by_path[p]]
+            n = int(np.prod(v.shape))
+            q = cache_codes_bytes(by_path[p])
+            total += n * np.dtype(v.dtype).itemsize - q
+        return total
+
+    def cache_codes_bytes(i):
+        for known in (v for k, v in cache.items() if isinstance(k, tuple)):
+            if i in known:
+                codes, scale = known[i]
+                return codes.nbytes + np.asarray(scale).nbytes
+        return 0
+
+    candidates = set()
+    for c in tune_config.config_set:
+        candidates |= set(_quantizable_variables(model, c))
+    total = sum(int(np.prod(variables[i].shape)) * np.dtype(variables[i].dtype).itemsize
+                for i in candidates)
+    _unquantize(model)
+    baseline = eval_fn(model, *eval_args)
+    _progress(f"autotune: the float model scores {baseline:.6g}")
+    try:
+        result = tuning.tune(baseline, tune_config, evaluate, sensitivity, float_bytes, total,
+                             log=print)
+    except Exception:
+        _unquantize(model)
+        raise
+    if result.trials[-1] is not result.best:  # the model holds the last trial: rebuild best
+        evaluate(result.best.config, result.best.float_weights)
+    model.fp8.tuning = result
+    print(result.summary(), flush=True)
+    return model
+
+
+def _unquantize(model):
+    """Makes a model quantized in this process run its float weights again (it keeps them)."""
+    for name in ("compile", "save_to_preset", "summary"):
+        if name in model.__dict__:
+            object.__delattr__(model, name)
+    if "fp8" in model.__dict__:
+        object.__delattr__(model, "fp8")
+    model.generate_function = None
+    model.predict_function = None
+
+
+def _cached_grams(model, calib_function, candidates, cache):
+    if not set(candidates) <= cache.get("grams_of", set()):
+        _progress("collecting the Gram matrices of the weights' inputs (calib_function)")
+        cache["grams"] = _gram.collect_grams(model, calib_function, candidates)
+        cache["grams_of"] = set(candidates)
+    return cache["grams"]
 
 
 def _progress(message):
