@@ -379,7 +379,10 @@ fn gemma3_per_row_embedding_takes_rows_with_their_scales() {
             .unwrap();
         assert_eq!(def.name, "stablehlo.constant");
         let value = def.prop("value").unwrap();
-        assert!(value.starts_with("dense<[1.000000047e-3, 2.000000095e-3"), "{value}");
+        assert!(
+            value.starts_with("dense<[1.000000047e-3, 2.000000095e-3"),
+            "{value}"
+        );
         assert!(t.prop("backend_config").unwrap().contains("scale = 1"));
     }
     let logits: Vec<&Value> = c.report["matmuls"]
@@ -422,7 +425,9 @@ fn gemma3_dynamic_activation_scales() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains(&format!("either `a_scale` or `a_dynamic: true` for argument {arg}")),
+        e.contains(&format!(
+            "either `a_scale` or `a_dynamic: true` for argument {arg}"
+        )),
         "{e}"
     );
 }

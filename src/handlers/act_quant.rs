@@ -38,7 +38,17 @@ mod tests {
 
     #[test]
     fn each_row_gets_its_own_amax_scale() {
-        let src = [1.0, -448.0, 2.0, 0.5, 0.0, 0.0, f32::NAN, 3.0, f32::INFINITY];
+        let src = [
+            1.0,
+            -448.0,
+            2.0,
+            0.5,
+            0.0,
+            0.0,
+            f32::NAN,
+            3.0,
+            f32::INFINITY,
+        ];
         let mut dst = [0f32; 9];
         qdq_rows(Format::E4m3fn, 3, &src, &mut dst);
         // row 0: scale 1, values on the grid stay
