@@ -49,7 +49,8 @@ def calibration_passages(chars=1500, count=None):
     for name in CALIBRATION_LICENCES:
         with open(os.path.join(LICENCE_DIR, name), encoding="utf-8") as f:
             text = " ".join(f.read().split())
-        out += [text[i:i + chars] for i in range(0, len(text) - chars // 2, chars)]
+        # whole passages only: each fills the window, so generate only prefills
+        out += [text[i:i + chars] for i in range(0, len(text) - chars + 1, chars)]
     if count is not None and count < len(out):
         out = [out[round(i * len(out) / count)] for i in range(count)]
     return out

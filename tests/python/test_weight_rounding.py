@@ -161,7 +161,15 @@ def test_einsum_contractions_and_gram(rng):
     assert _gram._einsum_contraction("...d,df->...f", 3) is None
     # the Gram matrix of the flattened contracted axes, against a float64 einsum
     x = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
-    g, n = _gram._gram_of(x, (2, 3))
+    rows = np.asarray(_gram._rows_of(x, (2, 3)))
     xm = x.reshape(6, 24).astype(np.float64)
-    assert n == 6
-    np.testing.assert_allclose(np.asarray(g), xm.T @ xm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rows, xm.astype(np.float32))
+    # accumulated over calls of any size, flushed in blocks: the Gram matrix of all rows
+    site = _gram.Site("w", (0,))
+    parts = [rng.normal(size=(m, 24)).astype(np.float32) for m in (1, 1, 700, 3, 1500, 0)]
+    for p in parts:
+        site.add(p)
+    site.flush()
+    every = np.concatenate(parts).astype(np.float64)
+    assert site.rows == len(every)
+    np.testing.assert_allclose(site.gram, every.T @ every, rtol=1e-10)

@@ -5,15 +5,16 @@ The model's own layers are hooked for the duration of ``calib_function(model)``:
 ``EinsumDense`` / ``Dense`` records ``XᵀX`` of its input (with the contracted axes in the
 kernel's order), and a ``ReversibleEmbedding`` called with ``reverse=True`` (the tied logits)
 records ``XᵀX`` of the hidden states it projects, which is the Gram matrix of the transposed
-embedding table. The product is computed inside the (jit-compiled) step and handed to the host
-by ``jax.debug.callback``, so generate, predict and eager calls all count. Keras-Hub's
+embedding table. The input rows are handed to the host by ``jax.debug.callback`` from inside the
+(jit-compiled) step, so generate, predict and eager calls all count, and the products are
+accumulated there in float64, in blocks. Keras-Hub's
 ``generate`` also runs its prefill over the padding of the prompt batch, which is counted like
 any other input.
 """
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +29,27 @@ class Site:
     contract: tuple  # kernel axes contracted with the input, in the order of K
     gram: np.ndarray | None = None
     rows: int = 0
+    pending: list = field(default_factory=list)
+    pending_rows: int = 0
 
-    def add(self, g, n):
-        g = np.asarray(g, np.float64)
+    def add(self, x):
+        """Buffers input rows ``x`` ``[M, K]``; their ``XᵀX`` is added in blocks of at least
+        ``K`` rows (a decode step gives one row per sequence: one product per row would touch
+        the whole ``K x K`` matrix each time)."""
+        x = np.asarray(x, np.float32)
+        self.pending.append(x)
+        self.pending_rows += len(x)
+        self.rows += len(x)
+        if self.pending_rows >= max(1024, x.shape[1]):
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        x = np.concatenate(self.pending).astype(np.float64)
+        self.pending, self.pending_rows = [], 0
+        g = x.T @ x
         self.gram = g if self.gram is None else self.gram + g
-        self.rows += int(n)
 
 
 def _einsum_contraction(equation, x_ndim):
@@ -48,12 +65,12 @@ def _einsum_contraction(equation, x_ndim):
     return tuple(a.index(c) for c in labels), tuple(b.index(c) for c in labels)
 
 
-def _gram_of(x, x_axes):
+def _rows_of(x, x_axes):
+    """``x`` as ``[rows, K]``: the contracted axes ``x_axes`` (in that order) last."""
     x = jnp.asarray(x, jnp.float32)
     rest = [d for d in range(x.ndim) if d not in x_axes]
-    xm = jnp.transpose(x, rest + list(x_axes)).reshape(-1, int(np.prod(
+    return jnp.transpose(x, rest + list(x_axes)).reshape(-1, int(np.prod(
         [x.shape[d] for d in x_axes])))
-    return xm.T @ xm, xm.shape[0]
 
 
 class GramCollector:
@@ -82,8 +99,8 @@ class GramCollector:
         return self.sites[index]
 
     def _record(self, site, x, x_axes):
-        g, n = _gram_of(x, x_axes)
-        jax.debug.callback(site.add, g, n)
+        # the rows go to the host (the Gram matrix is accumulated there, in float64)
+        jax.debug.callback(site.add, _rows_of(x, x_axes))
 
     def _hook_einsum(self, layer, index, equation):
         stock = layer.call
@@ -152,4 +169,6 @@ def collect_grams(model, calib_function, indices):
     finally:
         for name, value in saved.items():
             setattr(model, name, value)
+    for s in collector.sites.values():
+        s.flush()
     return {i: s for i, s in collector.sites.items() if s.rows > 0}
