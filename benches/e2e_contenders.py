@@ -60,6 +60,14 @@ CONTENDERS = [
               {"weight_dtype": "fp8_e4m3", "activation_dtype": None}),
     Contender("fp8xla-e5m2", "fp8xla e5m2 w+a", "fp8xla",
               {"weight_dtype": "fp8_e5m2", "activation_dtype": "fp8_e5m2"}),
+    # GPTQ rounding (docs/quality.md), calibrated like the others on the CLI's prompts
+    Contender("fp8xla-e4m3-gptq-wonly", "fp8xla e4m3 GPTQ weight-only", "fp8xla",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": None, "rounding": "gptq"}),
+    Contender("fp8xla-e4m3-gptq", "fp8xla e4m3 GPTQ w+a", "fp8xla",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3", "rounding": "gptq"}),
+    Contender("fp8xla-e4m3-gptq-dynamic", "fp8xla e4m3 GPTQ w+a dynamic", "fp8xla",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3", "rounding": "gptq",
+               "dynamic": True}),
     # INC's JAX StaticQuantConfig defaults: e4m3fn weights (per tensor) and activations.
     Contender("inc-fp8", "INC FP8 e4m3 w+a", "inc",
               {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3"},
@@ -100,10 +108,14 @@ def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int)
     calib = calibration_function(calib_max_length)
     t0 = time.perf_counter()
     if contender.kind == "fp8xla":
-        from fp8xla.keras import StaticQuantConfig, quantize_model
+        from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, quantize_model
 
-        config = StaticQuantConfig(**contender.config)
-        model = quantize_model(model, config, calib if config.activation_dtype else None)
+        settings = dict(contender.config)
+        kind = DynamicQuantConfig if settings.pop("dynamic", False) else StaticQuantConfig
+        config = kind(**settings)
+        needs_calib = (config.activation_dtype and not config.dynamic) or \
+            config.rounding == "gptq"
+        model = quantize_model(model, config, calib if needs_calib else None)
     elif contender.kind == "keras-int8":
         model.quantize("int8")
     elif contender.kind == "inc":

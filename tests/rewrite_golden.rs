@@ -351,6 +351,88 @@ fn gemma3_per_channel_skips_and_site_scales() {
 }
 
 #[test]
+fn gemma3_per_row_embedding_takes_rows_with_their_scales() {
+    // One scale per embedding row (dim 0, the free dim of the tied logits): the lookups are
+    // fp8xla_take with the row scales as operand 2, and the logits matmul is per channel.
+    let mut opts: Value = serde_json::from_str(&data("gemma3.quantize.json")).unwrap();
+    let scales: Vec<f64> = (0..256).map(|i| 1e-3 * (1.0 + i as f64)).collect();
+    for w in opts["weights"].as_array_mut().unwrap() {
+        if w["arg"] == 2 {
+            w["w_scale"] = serde_json::json!(scales);
+            w["channel_dim"] = serde_json::json!(0);
+        }
+    }
+    let c = quantize_checked_with("gemma3", opts.to_string());
+    assert_no_float_table(&c.module);
+    assert!(all_ops(&c.module)
+        .iter()
+        .all(|o| o.name != "stablehlo.gather"));
+    let takes = custom_calls(&c.module, "fp8xla_take");
+    assert_eq!(takes.len(), 2);
+    let ops = all_ops(&c.module);
+    for t in &takes {
+        assert_eq!(t.operands.len(), 3);
+        assert_eq!(t.operand_types[2].to_string(), "tensor<256xf32>");
+        let def = ops
+            .iter()
+            .find(|o| o.results.iter().any(|r| r.name == t.operands[2]))
+            .unwrap();
+        assert_eq!(def.name, "stablehlo.constant");
+        let value = def.prop("value").unwrap();
+        assert!(
+            value.starts_with("dense<[1.000000047e-3, 2.000000095e-3"),
+            "{value}"
+        );
+        assert!(t.prop("backend_config").unwrap().contains("scale = 1"));
+    }
+    let logits: Vec<&Value> = c.report["matmuls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["arg"] == 2)
+        .collect();
+    assert_eq!(logits.len(), 1);
+}
+
+#[test]
+fn gemma3_dynamic_activation_scales() {
+    // `a_dynamic: true`: every matmul on the weight computes its activation scales at run time
+    // (attribute a_dynamic), never with a static a_scale, even where a site scale is given.
+    let mut opts: Value = serde_json::from_str(&data("gemma3.quantize.json")).unwrap();
+    for w in opts["weights"].as_array_mut().unwrap() {
+        w.as_object_mut().unwrap().remove("a_scale");
+        w["a_dynamic"] = serde_json::json!(true);
+    }
+    opts["a_scales"] = serde_json::json!({"0": 0.5});
+    let c = quantize_checked_with("gemma3", opts.to_string());
+    let matmuls = custom_calls(&c.module, "fp8xla_matmul");
+    assert!(!matmuls.is_empty());
+    for m in &matmuls {
+        let config = m.prop("backend_config").unwrap();
+        assert!(config.contains("a_dynamic = true"), "{config}");
+        assert!(!config.contains("a_scale"), "{config}");
+    }
+    for m in c.report["matmuls"].as_array().unwrap() {
+        assert_eq!(m["a_dynamic"], true);
+        assert_eq!(m["a_scale"], Value::Null);
+    }
+    // both at once is an error naming the argument
+    let mut opts: Value = serde_json::from_str(&data("gemma3.quantize.json")).unwrap();
+    opts["weights"][0]["a_scale"] = serde_json::json!(0.25);
+    opts["weights"][0]["a_dynamic"] = serde_json::json!(true);
+    let arg = opts["weights"][0]["arg"].clone();
+    let e = quantize(&data("gemma3.mlir"), &opts.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "either `a_scale` or `a_dynamic: true` for argument {arg}"
+        )),
+        "{e}"
+    );
+}
+
+#[test]
 fn gemma3_per_channel_embedding_gathers_bytes() {
     // Per-channel scales along the embedding's row dim: no fp8xla_take (it is per tensor);
     // the gather reads the FP8 table's bytes (XLA's CPU backend would gather FP8 through a

@@ -89,8 +89,10 @@ def quantize(args) -> int:
     from fp8xla import keras as fk
     from fp8xla import models
 
-    config = fk.StaticQuantConfig(weight_dtype=args.dtype,
-                                  activation_dtype=None if args.weight_only else args.dtype)
+    kind = fk.DynamicQuantConfig if args.dynamic else fk.StaticQuantConfig
+    config = kind(weight_dtype=args.dtype,
+                  activation_dtype=None if args.weight_only else args.dtype,
+                  rounding=args.rounding)
     model = models.load_model(args.model, progress=True)
 
     def calib_function(m):
@@ -99,7 +101,8 @@ def quantize(args) -> int:
             m.generate(p, max_length=32)
 
     _progress("quantizing")
-    fk.quantize_model(model, config, calib_function if config.activation_dtype else None)
+    needs_calib = (config.activation_dtype and not config.dynamic) or config.rounding == "gptq"
+    fk.quantize_model(model, config, calib_function if needs_calib else None)
     _progress(f"saving the FP8 preset to {args.output}")
     model.save_to_preset(args.output)
     print(f"saved {len(model.fp8.weights)} FP8 weights ({config.weight_dtype}, activations "
@@ -224,6 +227,10 @@ def main(argv=None) -> int:
     q.add_argument("-q", "--output", required=True, help="directory of the FP8 preset")
     q.add_argument("-p", "--dtype", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--weight-only", action="store_true", help="keep activations float32")
+    q.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
+                   help="round to nearest, or GPTQ on the FP8 grid (docs/quality.md)")
+    q.add_argument("--dynamic", action="store_true",
+                   help="activation scales per token at run time (DynamicQuantConfig)")
     q.set_defaults(func=quantize)
     g = sub.add_parser("generate", help="generate text with a saved model")
     g.add_argument("-m", "--model", required=True, help="FP8 preset directory or model name")

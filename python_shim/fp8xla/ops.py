@@ -112,10 +112,10 @@ def dequantize(q, scale, dtype=jnp.float32):
     return jax.ffi.ffi_call("fp8xla_dequantize", out, vmap_method="broadcast_all")(q, scale=s)
 
 
-def take(table, indices, scale, dtype=jnp.float32):
+def take(table, indices, scale, dtype=jnp.float32, row_scales=None):
     """Dequantized rows of an FP8 table (an embedding lookup): ``f32(table[i]) * scale`` for
-    each index, clamped to the table's rows like ``stablehlo.gather``; shape
-    ``indices.shape + table.shape[1:]``."""
+    each index (times ``row_scales[i]`` when given: one float32 scale per table row), clamped
+    to the table's rows like ``stablehlo.gather``; shape ``indices.shape + table.shape[1:]``."""
     table, indices = jnp.asarray(table), jnp.asarray(indices)
     fp8_dtype(table.dtype)
     if table.ndim < 1:
@@ -125,11 +125,18 @@ def take(table, indices, scale, dtype=jnp.float32):
     s = _check_scale("take", scale)
     if np.dtype(dtype) not in _FLOAT_INPUTS:
         raise TypeError(f"fp8xla.take: `dtype` must be float32 or bfloat16, got {dtype}")
+    operands = [table, indices]
+    if row_scales is not None:
+        row_scales = jnp.asarray(row_scales)
+        if row_scales.dtype != np.float32 or row_scales.shape != table.shape[:1]:
+            raise ValueError(
+                f"fp8xla.take: `row_scales` must be float32 of shape {table.shape[:1]} (one per "
+                f"table row), got {row_scales.dtype} {row_scales.shape}")
+        operands.append(row_scales)
     out = jax.ShapeDtypeStruct(indices.shape + table.shape[1:], np.dtype(dtype))
     # One call per example: the handler reads dim 0 of the table as its rows, so a batch dim
     # put in front of the table (expand_dims, broadcast_all) would be taken for the rows.
-    return jax.ffi.ffi_call("fp8xla_take", out, vmap_method="sequential")(
-        table, indices, scale=s)
+    return jax.ffi.ffi_call("fp8xla_take", out, vmap_method="sequential")(*operands, scale=s)
 
 
 # What fp8xla_update_slice takes: the element types whose size the library knows.

@@ -3,7 +3,7 @@
 other.
 
 A quantized Keras-Hub causal LM carries ``model.fp8`` (:class:`Fp8State`): the
-:class:`StaticQuantConfig`, a :class:`QuantizedWeight` per FP8 variable and the FP8 codes on
+:class:`QuantConfig`, a :class:`QuantizedWeight` per FP8 variable and the FP8 codes on
 the device. :func:`install` makes ``generate()`` and ``predict()`` run the model's step
 exported with ``jax.export`` and rewritten by fp8xla's passes (:class:`GraphCache`, compiled
 once per input signature), with the FP8 codes in place of the float weights.
@@ -18,7 +18,8 @@ import keras
 import numpy as np
 
 from . import graph
-from .config import StaticQuantConfig  # noqa: F401  (re-exported: fp8xla.keras imports it here)
+from .config import (  # noqa: F401  (re-exported: fp8xla.keras imports them here)
+    DynamicQuantConfig, QuantConfig, StaticQuantConfig)
 
 
 @dataclass
@@ -31,13 +32,14 @@ class QuantizedWeight:
     w_scale: float | np.ndarray  # per tensor, or per channel along `channel_dim`
     channel_dim: int | None
     a_scale: float | None
+    a_dynamic: bool = False  # activation scales per row at run time (DynamicQuantConfig)
 
 
 @dataclass
 class Fp8State:
     """What fp8xla attaches to a quantized model as ``model.fp8``."""
 
-    config: StaticQuantConfig
+    config: QuantConfig
     weights: dict  # trainable variable index -> QuantizedWeight
     forward: "GraphCache"
     codes: dict  # trainable variable index -> device array of FP8 codes
@@ -192,6 +194,8 @@ def install(model, config, qweights):
                 spec["channel_dim"] = q.channel_dim
             if q.a_scale is not None:
                 spec["a_scale"] = q.a_scale
+            if q.a_dynamic:
+                spec["a_dynamic"] = True
             weights.append(spec)
         qexp, _ = graph.quantize_exported(exp, {"weights": weights})
         return qexp

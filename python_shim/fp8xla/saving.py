@@ -115,6 +115,7 @@ def write_weights_file(path, model):
                         else float(q.w_scale)),
             "channel_dim": q.channel_dim,
             "a_scale": None if q.a_scale is None else float(q.a_scale),
+            **({"a_dynamic": True} if q.a_dynamic else {}),
         })
     variables = []
     for collection, vs in (("trainable", trainable),
@@ -130,7 +131,8 @@ def write_weights_file(path, model):
         "format_version": FORMAT_VERSION,
         "config": {"weight_dtype": cfg.weight_dtype, "activation_dtype": cfg.activation_dtype,
                    "granularity": cfg.granularity,
-                   "quantize_embeddings": cfg.quantize_embeddings},
+                   "quantize_embeddings": cfg.quantize_embeddings,
+                   **({"dynamic": True} if cfg.dynamic else {})},
         "num_trainable": len(trainable),
         "num_non_trainable": len(model.non_trainable_variables),
         "quantized": qentries,
@@ -479,7 +481,10 @@ def _load_weights_into(model, preset_dir):
                 f"{os.path.join(preset_dir, TASK_FILE)} has {len(trainable)} and "
                 f"{len(non_trainable)}")
         try:
-            config = runtime.StaticQuantConfig(**h["config"])
+            fields = dict(h["config"])
+            kind = (runtime.DynamicQuantConfig if fields.pop("dynamic", False)
+                    else runtime.StaticQuantConfig)
+            config = kind(**fields)
         except (TypeError, ValueError) as e:
             raise PresetError(f"fp8xla: weights file {path}: the header's config is not a "
                               f"valid StaticQuantConfig ({e})") from None
@@ -508,7 +513,7 @@ def _load_weights_into(model, preset_dir):
             if isinstance(w_scale, dict):
                 w_scale = r.read(w_scale, e["path"] + " (weight scale)")
             qweights[i] = runtime.QuantizedWeight(i, v.path, codes, w_scale, e["channel_dim"],
-                                                  e["a_scale"])
+                                                  e["a_scale"], bool(e.get("a_dynamic")))
             v._initializer = _raise_on_value(v.path)
             seen.add(id(v))
     missing = [v.path for v in model.variables if id(v) not in seen and v._value is None]

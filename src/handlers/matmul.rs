@@ -14,6 +14,7 @@ use half::bf16;
 use std::borrow::Cow;
 
 const ATTRS: &[&str] = &[
+    "a_dynamic",
     "a_format",
     "a_scale",
     "lhs_batching_dims",
@@ -160,6 +161,14 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
             ))
         })?,
     };
+    // Dynamic activation scales (one per row of the packed lhs, at run time): act_quant.rs.
+    let a_dynamic = attrs.opt_bool("a_dynamic")?.unwrap_or(false);
+    if a_dynamic && a_scale.is_some() {
+        return Err(FfiError::invalid(
+            "attributes `a_dynamic` and `a_scale`: expected at most one (dynamic per-row or \
+             static activation scales), got both",
+        ));
+    }
     let scale_vec;
     let w_scale = match call.num_args() {
         2 => {
@@ -252,7 +261,19 @@ pub fn matmul(call: &mut Call<'_>) -> Result<(), FfiError> {
         None => lhs.slice::<f32>("operand 0 (lhs)")?,
     };
     let codes;
+    let dynamic;
     let lhs_in = match a_scale {
+        // Dynamic activation scales (one per row, computed here): the QDQ-ed values go to the
+        // kernels as float32 (on AMX, split into two bf16: near-exact).
+        None if a_dynamic => {
+            let mut q = vec![0f32; values.len()];
+            super::act_quant::qdq_rows(a_format, plan.k, values, &mut q);
+            dynamic = q;
+            Lhs::F32 {
+                values: &dynamic,
+                bf16_ok: precision,
+            }
+        }
         Some(scale) => {
             let mut q = vec![0u8; values.len()];
             fp8::quantize(a_format, scale, values, &mut q);

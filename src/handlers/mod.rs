@@ -4,6 +4,7 @@
 //! attribute, what was expected and what came; the custom-call name is prefixed by `xla_ffi`.
 //! The targets are exported, and listed, by `export_handlers!` in `xla_ffi/exports.rs`.
 
+mod act_quant;
 mod dot_f32;
 mod elementwise;
 mod matmul;

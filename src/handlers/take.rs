@@ -7,9 +7,10 @@ use crate::fp8;
 use crate::xla_ffi::{Call, DataType, FfiError};
 use half::bf16;
 
-/// The `fp8xla_take` custom call (dequantized rows of an FP8 table, indices clamped).
+/// The `fp8xla_take` custom call (dequantized rows of an FP8 table, indices clamped), with an
+/// optional operand 2: one f32 scale per table row (per-row scales, multiplied by `scale`).
 pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
-    call.expect_arity(&[2], 1)?;
+    call.expect_arity(&[2, 3], 1)?;
     call.attrs().reject_unknown(&["scale"])?;
     let scale = check_scale("scale", call.attrs().f32("scale")?)?;
     let table = call.arg(0)?;
@@ -38,6 +39,7 @@ pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
             )))
         }
     };
+    let row_scales = row_scales(call, rows)?;
     let out = call.take_ret(0)?;
     let batch = match idx_dims.split_last() {
         Some((1, lead)) if out.dims().len() == lead.len() + row_dims.len() => lead,
@@ -59,19 +61,22 @@ pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
     }
     let row = |i: i64| {
         let r = i.clamp(0, rows - 1) as usize;
-        &table[r * row_len..(r + 1) * row_len]
+        let s = row_scales.map_or(scale, |rs| scale * rs[r]);
+        (&table[r * row_len..(r + 1) * row_len], s)
     };
     match out.dtype() {
         DataType::F32 => {
             let dst = out.into_slice::<f32>("result 0 (out)")?;
             copy_rows(&indices, row_len, dst, |i, d| {
-                fp8::dequantize(format, scale, row(i), d)
+                let (src, s) = row(i);
+                fp8::dequantize(format, s, src, d)
             });
         }
         DataType::Bf16 => {
             let dst = out.into_slice::<bf16>("result 0 (out)")?;
             copy_rows(&indices, row_len, dst, |i, d| {
-                fp8::dequantize_bf16(format, scale, row(i), d)
+                let (src, s) = row(i);
+                fp8::dequantize_bf16(format, s, src, d)
             });
         }
         other => {
@@ -82,6 +87,33 @@ pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
         }
     }
     Ok(())
+}
+
+/// Operand 2 (optional): one finite positive f32 scale per row of the table.
+fn row_scales<'a>(call: &Call<'a>, rows: i64) -> Result<Option<&'a [f32]>, FfiError> {
+    if call.num_args() < 3 {
+        return Ok(None);
+    }
+    let arg = call.arg(2)?;
+    if arg.dtype() != DataType::F32 || arg.dims() != [rows].as_slice() {
+        return Err(FfiError::invalid(format!(
+            "operand 2 (row_scales): expected float32 [{rows}] (one scale per table row), got \
+             {} {:?}",
+            arg.dtype().name(),
+            arg.dims()
+        )));
+    }
+    let scales = arg.slice::<f32>("operand 2 (row_scales)")?;
+    if let Some((r, s)) = scales
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+    {
+        return Err(FfiError::invalid(format!(
+            "operand 2 (row_scales): expected finite positive scales, got {s} at row {r}"
+        )));
+    }
+    Ok(Some(scales))
 }
 
 fn copy_rows<D>(indices: &[i64], row_len: usize, dst: &mut [D], f: impl Fn(i64, &mut [D])) {

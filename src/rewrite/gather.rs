@@ -48,8 +48,16 @@ fn row_take(op: &Op, w: &TensorType) -> Option<()> {
     (plain && full_rows).then_some(())
 }
 
-/// Replaces a row gather on a per-tensor FP8 table with `fp8xla_take`.
-fn take_rows(em: &mut Emitter, op: &Op, out: &TensorType, e8: &ElementType, scale: f32) -> String {
+/// Replaces a row gather on an FP8 table with `fp8xla_take`: per tensor (`row_scales` None),
+/// or per row (one scale per row of dim 0, a constant operand the call gathers with the rows).
+fn take_rows(
+    em: &mut Emitter,
+    op: &Op,
+    out: &TensorType,
+    e8: &ElementType,
+    scale: f32,
+    row_scales: Option<&[f32]>,
+) -> String {
     let take_element = match out.element {
         ElementType::F32 | ElementType::Bf16 => out.element.clone(),
         _ => ElementType::F32,
@@ -65,17 +73,27 @@ fn take_rows(em: &mut Emitter, op: &Op, out: &TensorType, e8: &ElementType, scal
     if let Type::Tensor(t) = &mut table_ty {
         t.element = e8.clone();
     }
+    let mut operands = vec![op.operands[0].clone(), op.operands[1].clone()];
+    let mut operand_types = vec![table_ty, op.operand_types[1].clone()];
+    let mut ops = vec![];
+    if let Some(scales) = row_scales {
+        let name = em.names.fresh();
+        let (constant, ty) = em.constant(&name, scales, false, op.pos, &op.loc);
+        ops.push(constant);
+        operands.push(name);
+        operand_types.push(Type::Tensor(ty));
+    }
     let call = Op::simple(
         em.id(),
         op.pos,
         Some(&taken),
         "stablehlo.custom_call",
-        vec![op.operands[0].clone(), op.operands[1].clone()],
-        vec![table_ty, op.operand_types[1].clone()],
+        operands,
+        operand_types,
         vec![Type::Tensor(take_ty.clone())],
         op.loc.clone(),
     );
-    let mut ops = vec![with_props(
+    ops.push(with_props(
         call,
         vec![
             ("api_version", "4 : i32".into()),
@@ -85,7 +103,7 @@ fn take_rows(em: &mut Emitter, op: &Op, out: &TensorType, e8: &ElementType, scal
             ),
             ("call_target_name", "\"fp8xla_take\"".into()),
         ],
-    )];
+    ));
     if taken != orig_name {
         ops.push(Op::simple(
             em.id(),
@@ -100,7 +118,12 @@ fn take_rows(em: &mut Emitter, op: &Op, out: &TensorType, e8: &ElementType, scal
     }
     em.module.insert_before(op.id, ops);
     em.module.remove(op.id);
-    format!("fp8xla_take: dequantizes only the {e8} rows it takes (per-tensor)")
+    let granularity = if row_scales.is_some() {
+        "per-row"
+    } else {
+        "per-tensor"
+    };
+    format!("fp8xla_take: dequantizes only the {e8} rows it takes ({granularity})")
 }
 
 /// Gathers FP8 rows, then dequantizes only those rows.
@@ -118,6 +141,10 @@ pub(crate) fn rewrite_gather(
         .filter(|_| op.results.len() == 1 && op.results[0].count == 1)
         .ok_or("gather result is not one ranked tensor")?
         .clone();
+    let e8 = fp8_element(spec.format);
+    if let (Scale::PerChannel { dim: 0, scales }, true) = (&spec.scale, is_row_take(&op, w)) {
+        return Ok(take_rows(em, &op, &out, &e8, 1.0, Some(scales)));
+    }
     let channel = match &spec.scale {
         Scale::PerTensor(_) => None,
         Scale::PerChannel { dim, .. } => {
@@ -155,9 +182,8 @@ pub(crate) fn rewrite_gather(
             Some(*offs.get(rank).ok_or("offset_dims too short")? as usize)
         }
     };
-    let e8 = fp8_element(spec.format);
     if let (Scale::PerTensor(scale), true) = (&spec.scale, is_row_take(&op, w)) {
-        return Ok(take_rows(em, &op, &out, &e8, *scale));
+        return Ok(take_rows(em, &op, &out, &e8, *scale, None));
     }
     // XLA's CPU backend has no FP8 gather: it converts the whole table to f16 (and hoists
     // that out of the decode loop). This gather runs on the bytes instead, bitcast to ui8

@@ -71,9 +71,13 @@
 //! - `weights` (required): entry arguments to make FP8. `format`: `"e4m3fn"` or `"e5m2"` (also
 //!   INC's names, see [`crate::fp8::Format::parse`]). `w_scale`: a number (per-tensor) or an
 //!   array (per-channel, one scale per index of weight dimension `channel_dim`, which must then
-//!   be a free — not contracted, not batched — dimension at every matmul). `a_scale` (optional):
-//!   activation scale for every matmul on this weight.
-//! - `a_scales` (optional): activation scale per site number (overrides the weight's `a_scale`).
+//!   be a free — not contracted, not batched — dimension at every matmul; a per-row embedding,
+//!   `channel_dim` 0, makes its lookups `fp8xla_take` with the row scales). `a_scale`
+//!   (optional): activation scale for every matmul on this weight. `a_dynamic` (optional,
+//!   `true` excludes `a_scale`): per-row activation scales at run time (`fp8xla_matmul`'s
+//!   `a_dynamic`).
+//! - `a_scales` (optional): activation scale per site number (overrides the weight's `a_scale`;
+//!   ignored for a weight with `a_dynamic`).
 //! - `skip_sites`: sites left as float `dot_general` (their weight operand is dequantized).
 //! - `skip_args`: arguments left in float. They still count for site numbering, so sites agree
 //!   with `instrument` run with `weights` = the union of both lists.

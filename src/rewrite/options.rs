@@ -231,6 +231,10 @@ pub(crate) struct WeightOption {
     pub channel_dim: Option<Index>,
     #[serde(default)]
     pub a_scale: Option<PositiveScale>,
+    /// Dynamic activation scales: `fp8xla_matmul` quantizes each activation row with its own
+    /// run-time amax scale (instead of the static `a_scale`).
+    #[serde(default)]
+    pub a_dynamic: Option<bool>,
 }
 
 /// The options of `quantize` as JSON gives them (see the [`super`] documentation).
@@ -301,6 +305,8 @@ pub(crate) struct WeightSpec {
     pub format: Format,
     pub scale: Scale,
     pub a_scale: Option<f32>,
+    /// Dynamic per-row activation scales (excludes `a_scale`).
+    pub a_dynamic: bool,
 }
 
 impl WeightOption {
@@ -322,10 +328,18 @@ impl WeightOption {
                 }
             },
         };
+        let a_dynamic = self.a_dynamic.unwrap_or(false);
+        if a_dynamic && self.a_scale.is_some() {
+            return Err(opt_err(
+                &format!("either `a_scale` or `a_dynamic: true` for argument {arg}"),
+                "both",
+            ));
+        }
         Ok(WeightSpec {
             format: self.format.0,
             scale,
             a_scale: self.a_scale.map(|s| s.0),
+            a_dynamic,
         })
     }
 }

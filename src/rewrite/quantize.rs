@@ -430,7 +430,10 @@ impl Pass<Weights> for QuantizeDots {
                 continue;
             }
             let spec = &w.opts.weights[&s.arg];
-            let a_scale = w.opts.a_scales.get(&s.site).copied().or(spec.a_scale);
+            // a dynamic weight's activation scales are computed at run time: no static one
+            let a_scale = (!spec.a_dynamic)
+                .then(|| w.opts.a_scales.get(&s.site).copied().or(spec.a_scale))
+                .flatten();
             let mut em = Emitter {
                 module: &mut cx.module,
                 names: &mut w.names,
@@ -753,6 +756,9 @@ fn rewrite_dot(
     if let Some(a) = a_scale {
         config.insert(0, ("a_scale", format!("{} : f32", fmt_f32(a))));
     }
+    if spec.a_dynamic {
+        config.insert(0, ("a_dynamic", "true".into()));
+    }
     let mut before = Vec::new();
     match &spec.scale {
         Scale::PerTensor(x) => config.push(("w_scale", format!("{} : f32", fmt_f32(*x)))),
@@ -848,6 +854,12 @@ fn rewrite_dot(
         "a_scale": a_scale,
         "dropped_attributes": dropped,
     }))
+    .map(|mut entry| {
+        if spec.a_dynamic {
+            entry["a_dynamic"] = Value::Bool(true); // run-time per-row activation scales
+        }
+        entry
+    })
 }
 
 #[cfg(test)]

@@ -282,6 +282,11 @@ def test_unknown_dtype_and_config():
         StaticQuantConfig(activation_dtype="int8")
     with pytest.raises(TypeError, match="config must be a StaticQuantConfig"):
         fj.quantize(mlp, {}, config={"weight_dtype": "fp8_e4m3"})
+    # Options only the Keras path implements are refused, not silently ignored.
+    with pytest.raises(ValueError, match="rounding='gptq' is not supported by fp8xla.jax yet"):
+        fj.quantize(mlp, {}, config=StaticQuantConfig(rounding="gptq"))
+    with pytest.raises(ValueError, match="white_list=\\('attn',\\) is not supported"):
+        fj.quantize(mlp, {}, config=StaticQuantConfig(white_list=["attn"]))
 
 
 def test_skip_pattern_that_matches_nothing(rng):

@@ -48,6 +48,43 @@ def test_take_with_trailing_index_vector_dim(rng):
     np.testing.assert_array_equal(got, reference(table, idx[..., 0], 2.0, np.float32))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("table_shape, idx_shape", [
+    ((256, 32), (1, 8)), ((1, 1), (3,)), ((17, 5, 3), (2, 3)), ((5, 7), (0,)), ((4, 0), (6,))])
+def test_take_with_row_scales_equals_reference(fmt, table_shape, idx_shape, rng):
+    """Operand 2: one scale per row, multiplied into that row (and by `scale`)."""
+    table = random_codes(rng, table_shape, fmt)
+    row_scales = rng.uniform(1e-3, 4, size=table_shape[0]).astype(np.float32)
+    idx = rng.integers(-3, table_shape[0] + 3, size=idx_shape).astype(np.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(jax.jit(lambda t, i, r: ops.take(t, i, 0.5, dtype, row_scales=r))(
+            table, idx, row_scales))
+        rows = np.clip(idx.reshape(-1), 0, table_shape[0] - 1)
+        scale = (np.float32(0.5) * row_scales[rows]).reshape(
+            idx.shape + (1,) * (len(table_shape) - 1))
+        want = (table.astype(np.float32)[rows].reshape(idx.shape + table_shape[1:])
+                * scale).astype(dtype)
+        np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+
+
+def test_take_row_scales_errors():
+    table = np.zeros((4, 3), ml_dtypes.float8_e4m3fn)
+    idx = np.array([0, 1], np.int32)
+    out = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    for match, rs in [
+            ("operand 2 \\(row_scales\\): expected float32 \\[4\\] \\(one scale per table row\\), "
+             "got float32 \\[3\\]", np.ones(3, np.float32)),
+            ("operand 2 \\(row_scales\\): expected float32 \\[4\\] .*, got int32", np.ones(4, np.int32)),
+            ("operand 2 \\(row_scales\\): expected finite positive scales, got NaN at row 2",
+             np.array([1, 1, np.nan, 1], np.float32)),
+            ("operand 2 \\(row_scales\\): expected finite positive scales, got 0 at row 0",
+             np.array([0, 1, 1, 1], np.float32))]:
+        with pytest.raises(jax.errors.JaxRuntimeError, match=match):
+            call(out, table, idx, rs, scale=np.float32(1))
+    with pytest.raises(ValueError, match="fp8xla.take: `row_scales` must be float32 of shape"):
+        ops.take(table, idx, 1.0, row_scales=np.ones(3, np.float32))
+
+
 def call(out, *args, **attrs):
     return jax.block_until_ready(jax.ffi.ffi_call("fp8xla_take", out)(*args, **attrs))
 

@@ -375,6 +375,14 @@ def quantize(fn, params, *example_args, config: StaticQuantConfig | None = None,
     if not isinstance(config, StaticQuantConfig):
         raise TypeError(f"fp8xla.jax.quantize: config must be a StaticQuantConfig, got "
                         f"{type(config).__name__}")
+    # Options of the Keras path that this one does not implement yet: refused, not ignored.
+    unsupported = [f"{name}={getattr(config, name)!r}" for name, default in (
+        ("rounding", "rtn"), ("weight_scale", "amax"), ("white_list", None),
+        ("float_weights", ())) if getattr(config, name) != default]
+    if unsupported:
+        raise ValueError(f"fp8xla.jax.quantize: {', '.join(unsupported)} is not supported by "
+                         "fp8xla.jax yet (fp8xla.keras has it); use skip=... to keep leaves "
+                         "in float")
     if not callable(fn):
         raise TypeError(f"fp8xla.jax.quantize: fn must be callable, got {type(fn).__name__}")
     if isinstance(skip, (str, re.Pattern)):

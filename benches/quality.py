@@ -1,0 +1,164 @@
+"""Perplexity and top-1 agreement of fp8xla's quantization schemes on the GPL-3 protocol.
+
+    .venv/bin/python benches/quality.py --out quality-run [--schemes rtn,gptq,...]
+
+Each scheme quantizes a fresh float32 copy of the model (gemma3_270m unless ``--model``),
+calibrating on other licence texts of ``/usr/share/common-licenses`` (never the GPL family,
+whose text is the one scored), and is scored with :func:`fp8xla.perplexity.gpl3_perplexity`.
+Results go to ``OUT/quality.json`` (one entry per scheme, written after each); float32's
+predictions are kept in ``OUT/float32_predictions.npy`` for the agreement. The Gram matrices
+GPTQ needs depend only on the float model and the calibration text, so they are collected once
+per run and reused by every GPTQ scheme (``OUT/grams.pkl``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+#: Calibration text: licences that are neither the scored GPL-3 nor derived from it.
+CALIBRATION_LICENCES = ["Apache-2.0", "Artistic", "BSD", "CC0-1.0", "MPL-1.1", "MPL-2.0"]
+LICENCE_DIR = "/usr/share/common-licenses"
+
+SCHEMES = {
+    "rtn": dict(activation_dtype=None),
+    "rtn-embed-per-tensor": dict(activation_dtype=None, _embedding_per_tensor=True),
+    "search": dict(activation_dtype=None, weight_scale="search"),
+    "gptq": dict(activation_dtype=None, rounding="gptq"),
+    "gptq-search": dict(activation_dtype=None, rounding="gptq", weight_scale="search"),
+    "rtn-wa": dict(activation_dtype="fp8_e4m3"),
+    "gptq-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq"),
+    "gptq-e5m2": dict(weight_dtype="fp8_e5m2", activation_dtype=None, rounding="gptq"),
+    "gptq-dynamic": dict(activation_dtype="fp8_e4m3", rounding="gptq", _dynamic=True),
+    "rtn-dynamic": dict(activation_dtype="fp8_e4m3", _dynamic=True),
+}
+
+
+def calibration_passages(chars=1500, count=None):
+    """The calibration licences cut into passages of about ``chars`` characters (longer than
+    the 256-token window they are generated in, so each fills it); ``count`` of them, taken
+    evenly across the licences, or all."""
+    out = []
+    for name in CALIBRATION_LICENCES:
+        with open(os.path.join(LICENCE_DIR, name), encoding="utf-8") as f:
+            text = " ".join(f.read().split())
+        # whole passages only: each fills the window, so generate only prefills
+        out += [text[i:i + chars] for i in range(0, len(text) - chars + 1, chars)]
+    if count is not None and count < len(out):
+        out = [out[round(i * len(out) / count)] for i in range(count)]
+    return out
+
+
+def calibration_function(passages, max_length=256, batch=4):
+    """Prefill-only generate calls: each passage fills the window, nothing is decoded."""
+
+    def calib(model):
+        for i in range(0, len(passages), batch):
+            print(f"[quality] calibration {min(i + batch, len(passages))}/{len(passages)}",
+                  flush=True)
+            model.generate(passages[i:i + batch], max_length=max_length)
+
+    return calib
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="gemma3_270m")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--calib-passages", type=int, default=None,
+                    help="calibrate on this many 256-token passages (default: all, ~46)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    from fp8xla import models, perplexity
+    from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, _gram, quantize_model
+
+    results_path = os.path.join(args.out, "quality.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+
+    def save():
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+    float_path = os.path.join(args.out, "float32_predictions.npy")
+    if not os.path.exists(float_path):
+        model = models.load_model(args.model)
+        r = perplexity.gpl3_perplexity(model, progress=True)
+        np.save(float_path, r.predictions)
+        results["float32"] = {"perplexity": r.perplexity, "seconds": r.seconds}
+        save()
+        del model
+    float_pred = np.load(float_path)
+    base = results["float32"]["perplexity"]
+
+    gram_path = os.path.join(args.out, "grams.pkl")
+    stock_collect = _gram.collect_grams
+
+    def cached_collect(model, calib, indices):
+        if os.path.exists(gram_path):
+            with open(gram_path, "rb") as f:
+                return pickle.load(f)
+        t0 = time.perf_counter()
+        grams = stock_collect(model, calib, indices)
+        results["gram_seconds"] = time.perf_counter() - t0
+        with open(gram_path, "wb") as f:
+            pickle.dump(grams, f)
+        return grams
+
+    _gram.collect_grams = cached_collect
+    calib = calibration_function(calibration_passages(count=args.calib_passages))
+    results["calibration_passages"] = len(calibration_passages(count=args.calib_passages))
+    for name in args.schemes.split(","):
+        settings = dict(SCHEMES[name])
+        per_tensor_embedding = settings.pop("_embedding_per_tensor", False)
+        kind = DynamicQuantConfig if settings.pop("_dynamic", False) else StaticQuantConfig
+        config = kind(**settings)
+        model = models.load_model(args.model)
+        t0 = time.perf_counter()
+        if per_tensor_embedding:  # today's default before per-row embedding scales
+            model = _quantize_embedding_per_tensor(model, config, calib)
+        else:
+            needs_calib = (config.activation_dtype and not config.dynamic) or \
+                config.rounding == "gptq"
+            model = quantize_model(model, config, calib if needs_calib else None)
+        quantize_seconds = time.perf_counter() - t0
+        r = perplexity.gpl3_perplexity(model, progress=True)
+        fp8_bytes = sum(np.asarray(q.codes).nbytes + np.asarray(q.w_scale).nbytes
+                        for q in model.fp8.weights.values())
+        results[name] = {
+            "config": {"kind": kind.__name__, **settings}, "perplexity": r.perplexity,
+            "delta_percent": 100 * (r.perplexity / base - 1),
+            "top1_agreement": float(np.mean(r.predictions == float_pred)),
+            "quantize_seconds": quantize_seconds, "fp8_weight_bytes": int(fp8_bytes)}
+        print(f"[quality] {name}: {json.dumps(results[name])}", flush=True)
+        save()
+        del model
+
+
+def _quantize_embedding_per_tensor(model, config, calib):
+    """Quantizes with the embedding per tensor (fp8xla's scheme before per-row scales)."""
+    from fp8xla import runtime, weight_rounding
+    from fp8xla.keras import quantize_model
+
+    model = quantize_model(model, config, calib if config.activation_dtype else None)
+    state = model.fp8
+    for i, q in state.weights.items():
+        if "embedding" in q.path:
+            w = np.asarray(model.trainable_variables[i].value, np.float32)
+            s = weight_rounding.amax_scales(w, config.w_format, None)
+            q.codes = weight_rounding.round_to_nearest(w, config.w_format, s)
+            q.w_scale, q.channel_dim = s, None
+    runtime.install(model, state.config, state.weights)
+    return model
+
+
+if __name__ == "__main__":
+    sys.exit(main())

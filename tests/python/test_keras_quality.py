@@ -1,0 +1,175 @@
+"""fp8xla.keras past round-to-nearest on a tiny random-weight Gemma3: GPTQ rounding and scale
+search, per-row embedding scales, DynamicQuantConfig, white_list and autotune."""
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+keras = pytest.importorskip("keras")
+keras_hub = pytest.importorskip("keras_hub")
+
+import fp8_reference as ref  # noqa: E402
+from fp8xla import weight_rounding  # noqa: E402
+from fp8xla.keras import (  # noqa: E402
+    DynamicQuantConfig, StaticQuantConfig, logits, print_model, quantize_model)
+from test_keras_tiny import fake_quantized_copy, prompts, tiny_gemma3  # noqa: E402
+
+
+def calib(rng):
+    batches = [prompts(rng, 4, length=12, filled=10) for _ in range(3)]
+
+    def run(model):
+        for b in batches:
+            model.generate(b, max_length=12, stop_token_ids=None)
+
+    return run
+
+
+def float_logits(model, x):
+    return np.asarray(logits(model, x), np.float64)
+
+
+def test_gptq_lowers_the_logit_error_and_keeps_the_runtime_format(rng):
+    x = prompts(np.random.default_rng(5), 8, length=12, filled=12)
+    want = float_logits(tiny_gemma3(), x)
+    errors = {}
+    for rounding in ("rtn", "gptq"):
+        model = tiny_gemma3()
+        config = StaticQuantConfig(activation_dtype=None, rounding=rounding)
+        quantize_model(model, config, calib(np.random.default_rng(1)))
+        emb = [q for q in model.fp8.weights.values() if "embedding" in q.path]
+        assert len(emb) == 1 and emb[0].channel_dim == 0  # one scale per embedding row
+        assert emb[0].w_scale.shape == (256,)
+        got = float_logits(model, x)
+        errors[rounding] = np.mean((got - want) ** 2)
+        # the FP8 graph runs exactly the stored codes and scales: a float model holding
+        # f32(codes) * scale gives the same logits
+        fake = fake_quantized_copy(model, model)
+        np.testing.assert_allclose(got, float_logits(fake, x), rtol=1e-4, atol=1e-4)
+    assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_search_scales_never_raise_the_weight_error():
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None, weight_scale="search"))
+    base = tiny_gemma3()
+    for q in model.fp8.weights.values():
+        w = np.asarray(base.trainable_variables[q.index].value, np.float32)
+        s = np.asarray(q.w_scale, np.float32)
+        got = np.sum((w - weight_rounding.dequantize(q.codes, s, q.channel_dim)) ** 2)
+        amax = weight_rounding.amax_scales(w, "e4m3fn", q.channel_dim)
+        rtn = np.sum((w - weight_rounding.dequantize(
+            ref.quantize(w / weight_rounding.broadcast_scale(amax, w.shape, q.channel_dim), 1.0,
+                         "e4m3fn"), 1.0)) ** 2)
+        assert got <= rtn * (1 + 1e-6)
+
+
+def test_gptq_needs_calibration():
+    with pytest.raises(ValueError, match="rounding='gptq' needs a calib_function"):
+        quantize_model(tiny_gemma3(), StaticQuantConfig(activation_dtype=None, rounding="gptq"))
+
+
+def test_dynamic_quant_config_generates_and_saves(rng, tmp_path):
+    from fp8xla.keras import load, save
+
+    model = tiny_gemma3()
+    quantize_model(model, DynamicQuantConfig(weight_dtype="fp8_e4m3",
+                                             activation_dtype="fp8_e4m3"))
+    assert all(q.a_dynamic and q.a_scale is None for q in model.fp8.weights.values())
+    x = prompts(rng, 4)
+    out = model.generate(x, max_length=12, stop_token_ids=None)
+    assert (np.asarray(out["padding_mask"]).sum(axis=1) > 5).all()
+    # per-token scales track the float model more closely than one static scale per tensor
+    # calibrated on other prompts
+    want = float_logits(tiny_gemma3(), x)
+    dyn = np.mean((float_logits(model, x) - want) ** 2)
+    static = tiny_gemma3()
+    quantize_model(static, StaticQuantConfig(), calib(np.random.default_rng(3)))
+    assert dyn < np.mean((float_logits(static, x) - want) ** 2)
+    lines = []
+    print_model(model, file=type("F", (), {"write": lambda s, t: lines.append(t)})())
+    assert "dynamic" in "".join(lines)
+    save(model, str(tmp_path / "p"))
+    loaded = load(str(tmp_path / "p"))
+    assert loaded.fp8.config.dynamic and isinstance(loaded.fp8.config, DynamicQuantConfig)
+    np.testing.assert_allclose(float_logits(loaded, x), float_logits(model, x), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_white_list_by_path_and_type(capsys):
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None, white_list=["ffw_"]))
+    paths = [q.path for q in model.fp8.weights.values()]
+    assert paths and all("ffw_" in p for p in paths)
+    print_model(model)
+    out = capsys.readouterr().out
+    assert f"{len(paths)} weight matrices in FP8" in out and "kept in float" in out
+    assert "attention/query/kernel" in out.split("kept in float")[1]
+    model = tiny_gemma3()
+    quantize_model(model, StaticQuantConfig(activation_dtype=None,
+                                            white_list=[keras.layers.EinsumDense]))
+    assert not any("embedding" in q.path for q in model.fp8.weights.values())
+    assert len(model.fp8.weights) == 2 * 7  # q, k, v, o, gate, gate_2, linear per layer
+    with pytest.raises(ValueError, match="white_list entry '\\(' is not a regular expression"):
+        StaticQuantConfig(white_list=["("])
+    with pytest.raises(ValueError, match="no quantizable layers"):
+        quantize_model(tiny_gemma3(), StaticQuantConfig(activation_dtype=None,
+                                                        white_list=["nothing-matches"]))
+
+
+def closeness(x, want):
+    """Higher is better, 1 for the float model: INC's eval_fn contract."""
+    def eval_fn(model):
+        return 1.0 / (1.0 + float(np.mean((float_logits(model, x) - want) ** 2)))
+    return eval_fn
+
+
+def test_autotune_falls_back_the_most_sensitive_weights(rng, capsys):
+    from fp8xla.keras import TuningConfig, autotune
+
+    x = prompts(np.random.default_rng(5), 4, length=12, filled=12)
+    model = tiny_gemma3()
+    eval_fn = closeness(x, float_logits(model, x))
+    config = StaticQuantConfig(activation_dtype=None, weight_dtype="fp8_e5m2")
+    # the loss of the all-FP8 e5m2 model, measured the same way
+    probe = quantize_model(tiny_gemma3(), config)
+    loss = 1 - eval_fn(probe)
+    assert loss > 0
+    autotune(model, TuningConfig(config_set=[config], tolerable_loss=loss / 3, max_trials=12),
+             eval_fn, calib_function=calib(np.random.default_rng(1)))
+    result = model.fp8.tuning
+    assert result.best is not None and result.best.meets and result.best.float_weights
+    assert result.trials[0].float_weights == ()  # the config alone was tried first
+    assert [len(t.float_weights) for t in result.trials[1:]] == [
+        min(2 ** n, 2 * 7) for n in range(len(result.trials) - 1)]
+    # the model holds the chosen candidate: its score, those weights in float
+    assert 1 - eval_fn(model) <= loss / 3
+    kept = {q.path for q in model.fp8.weights.values()}
+    assert not kept & set(result.best.float_weights)
+    out = capsys.readouterr().out
+    assert "kept in float: " + result.best.float_weights[0] in out
+    print_model(model)
+    assert "kept in float" in capsys.readouterr().out
+
+
+def test_autotune_takes_the_first_config_that_meets_and_errors_when_none_does():
+    from fp8xla.keras import TuningConfig, autotune
+    from fp8xla.tuning import TuningError
+
+    x = prompts(np.random.default_rng(5), 2, length=12, filled=12)
+    model = tiny_gemma3()
+    eval_fn = closeness(x, float_logits(model, x))
+    configs = [StaticQuantConfig(activation_dtype=None, weight_dtype="fp8_e5m2"),
+               StaticQuantConfig(activation_dtype=None)]
+    autotune(model, TuningConfig(config_set=configs, tolerable_loss=1.0), eval_fn)
+    assert len(model.fp8.tuning.trials) == 1 and model.fp8.config.weight_dtype == "fp8_e5m2"
+    model = tiny_gemma3()
+    with pytest.raises(TuningError, match="no config met tolerable_loss=0 .* within 2 trial"):
+        autotune(model, TuningConfig(config_set=configs, tolerable_loss=0, max_trials=2),
+                 eval_fn)
+    assert getattr(model, "fp8", None) is None  # float again
+    np.testing.assert_allclose(float_logits(model, x), float_logits(tiny_gemma3(), x))
+    with pytest.raises(ValueError, match="TuningConfig: config_set is empty"):
+        TuningConfig(config_set=[])
