@@ -130,7 +130,7 @@ unsafe fn load_bf16(p: *const bf16) -> __m256 {
 /// f32 → bf16 bits (one per 32-bit lane), round to nearest even, NaN kept quiet NaN: the
 /// same bits as `half::bf16::from_f32`.
 #[inline(always)]
-unsafe fn to_bf16(f: __m256) -> __m256i {
+pub(crate) unsafe fn to_bf16(f: __m256) -> __m256i {
     let x = _mm256_castps_si256(f);
     let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
     let r = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb);
@@ -143,7 +143,7 @@ unsafe fn to_bf16(f: __m256) -> __m256i {
 
 /// Packs two vectors of 8 values below 2^16 (32-bit lanes) into 16 u16 in order.
 #[inline(always)]
-unsafe fn pack16(a: __m256i, b: __m256i) -> __m256i {
+pub(crate) unsafe fn pack16(a: __m256i, b: __m256i) -> __m256i {
     _mm256_permute4x64_epi64::<0xD8>(_mm256_packus_epi32(a, b))
 }
 

@@ -12,7 +12,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::{Kernels, Mul, MR, NR};
+use super::{check_kn, check_nk, Kernels, Mul, MR, NR};
 use crate::cpu::Isa;
 use crate::fp8::Format;
 
@@ -57,22 +57,6 @@ fn check_mul(mul: &Mul, ncols: usize) {
     if let Some(s) = mul.per {
         assert!(s.len() >= ncols);
     }
-}
-
-/// The bounds a KN pass relies on (lengths in elements): up to 4 rows of `kr` lhs values at
-/// stride `ls`, `kr` weight rows of `ncols`, and `rows * ncols` accumulators.
-fn check_kn(lhs: usize, ls: usize, rows: usize, kr: usize, w: usize, ncols: usize, acc: usize) {
-    assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
-    assert!(lhs >= (rows - 1) * ls + kr && w >= kr * ncols);
-    assert!(acc >= rows * ncols);
-}
-
-/// The bounds an NK GEMV relies on: up to 4 lhs rows of `k`, `ncols` weight rows of `k`, and
-/// outputs `r * os + c` for `r < rows`, `c < ncols`.
-fn check_nk(lhs: usize, rows: usize, k: usize, w: usize, ncols: usize, out: usize, os: usize) {
-    assert!((1..=4).contains(&rows) && k >= 1);
-    assert!(lhs >= rows * k && w >= ncols * k);
-    assert!(out >= (rows - 1) * os + ncols);
 }
 
 fn scaled_table(fmt: Format) -> &'static [f32; 256] {
@@ -302,12 +286,12 @@ const NK_PREFETCH_BYTES: usize = 4096;
 // The helpers marked `#[inline(always)]` are only called from `#[target_feature]` functions,
 // into which they (and the intrinsics they use) are inlined.
 
-/// 16 FP8 codes at `p` as two vectors of 8 f32 (e4m3fn: times 2^-8).
+/// 16 FP8 codes as the f16 bit patterns (16-bit lanes) of their values (e5m2) or of 2^-8
+/// times their values (e4m3fn, NaN codes as f16 NaN).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
-    let b = _mm_loadu_si128(p as *const __m128i);
-    let h = if E5 {
+pub(super) unsafe fn half16<const E5: bool>(b: __m128i) -> __m256i {
+    if E5 {
         _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(b))
     } else {
         // Sign-extended then shifted: bits 15 and 14 hold the sign, 13..7 exponent and
@@ -317,7 +301,14 @@ pub(super) unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
         let mag = _mm256_and_si256(h, _mm256_set1_epi16(0x7FFF));
         let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3F80));
         _mm256_or_si256(h, nan)
-    };
+    }
+}
+
+/// 16 FP8 codes at `p` as two vectors of 8 f32 (e4m3fn: times 2^-8).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
+    let h = half16::<E5>(_mm_loadu_si128(p as *const __m128i));
     (
         _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
         _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),

@@ -21,17 +21,9 @@ pub(super) fn table() -> Option<&'static Kernels> {
 pub(super) static TABLE: Kernels = Kernels {
     isa: Isa::Avx512,
     gemv_name: "avx512 16-lane FMA",
-    gemm_name: super::avx2::TABLE.gemm_name,
-    e4m3_unit: 256.0,
     gemv_nk,
     kn_rows,
-    gemv_nk_f32: super::avx2::TABLE.gemv_nk_f32,
-    kn_rows_f32: super::avx2::TABLE.kn_rows_f32,
-    pack_kn: super::avx2::TABLE.pack_kn,
-    pack_nk: super::avx2::TABLE.pack_nk,
-    micro: super::avx2::TABLE.micro,
-    tile_gemm: None,
-    tile_min_rows: usize::MAX,
+    ..super::avx2::TABLE
 };
 
 fn gemv_nk(
@@ -130,19 +122,7 @@ unsafe impl Lanes16 for Zmm {
         } else {
             _mm_maskz_loadu_epi8(mask(n), p as *const i8)
         };
-        let h = if E5 {
-            // e5m2 is the high byte of an f16.
-            _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(b))
-        } else {
-            // Sign-extended then shifted: bits 15 and 14 hold the sign, 13..7 exponent and
-            // mantissa; clearing bit 14 leaves the f16 pattern of value * 2^-8. The NaN codes
-            // (magnitude 0x7F) become f16 NaNs.
-            let w = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(b));
-            let h = _mm256_and_si256(w, _mm256_set1_epi16(0xBFFFu16 as i16));
-            let mag = _mm256_and_si256(h, _mm256_set1_epi16(0x7FFF));
-            let nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3F80));
-            _mm256_or_si256(h, nan)
-        };
+        let h = super::avx2::half16::<E5>(b);
         _mm512_cvtph_ps(h)
     }
     #[inline(always)]

@@ -331,6 +331,38 @@ pub fn f32_matmul_with(
     }
 }
 
+/// The bounds an NK GEMV kernel relies on (lengths in elements): up to 4 lhs rows of `k`,
+/// `ncols` weight rows of `k`, and outputs `r * os + c` for `r < rows`, `c < ncols`.
+pub(crate) fn check_nk(
+    lhs: usize,
+    rows: usize,
+    k: usize,
+    w: usize,
+    ncols: usize,
+    out: usize,
+    os: usize,
+) {
+    assert!((1..=4).contains(&rows) && k >= 1);
+    assert!(lhs >= rows * k && w >= ncols * k);
+    assert!(out >= (rows - 1) * os + ncols);
+}
+
+/// The bounds a KN pass relies on (lengths in elements): up to 4 rows of `kr` lhs values at
+/// stride `ls`, `kr` weight rows of `ncols`, and `rows * ncols` accumulators.
+pub(crate) fn check_kn(
+    lhs: usize,
+    ls: usize,
+    rows: usize,
+    kr: usize,
+    w: usize,
+    ncols: usize,
+    acc: usize,
+) {
+    assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
+    assert!(lhs >= (rows - 1) * ls + kr && w >= kr * ncols);
+    assert!(acc >= rows * ncols);
+}
+
 /// Does the products that need no kernel: an empty output, or a zero depth (all sums are 0).
 /// Returns whether `out` is done.
 fn trivial(k: usize, out: &mut [f32]) -> bool {

@@ -7,9 +7,9 @@
 //! every byte read or written is inside the operands.
 #![allow(clippy::too_many_arguments)]
 
-use super::Mul;
 #[cfg(test)]
 use super::E4M3_SCALED;
+use super::{check_kn, check_nk, Mul};
 use crate::fp8::Format;
 
 /// 16 float32 lanes and the operations the wide GEMVs use.
@@ -37,20 +37,6 @@ pub(crate) unsafe trait Lanes16 {
 
 /// Bytes ahead the GEMVs prefetch their weight streams.
 const PREFETCH_BYTES: usize = 2048;
-
-/// Bounds an NK GEMV relies on (see `table::GemvNk`).
-fn check_nk(lhs: usize, rows: usize, k: usize, w: usize, ncols: usize, out: usize, os: usize) {
-    assert!((1..=4).contains(&rows) && k >= 1);
-    assert!(lhs >= rows * k && w >= ncols * k);
-    assert!(out >= (rows - 1) * os + ncols);
-}
-
-/// Bounds a KN pass relies on (see `table::KnRows`).
-fn check_kn(lhs: usize, ls: usize, rows: usize, kr: usize, w: usize, ncols: usize, acc: usize) {
-    assert!((1..=4).contains(&rows) && kr >= 1 && kr <= ls);
-    assert!(lhs >= (rows - 1) * ls + kr && w >= kr * ncols);
-    assert!(acc >= rows * ncols);
-}
 
 /// `table::GemvNk` on `L`.
 ///
@@ -287,9 +273,7 @@ unsafe impl Lanes16 for Model16 {
 /// The scalar table with the wide GEMVs running on [`Model16`] (tests).
 #[cfg(test)]
 pub(crate) static MODEL_TABLE: super::Kernels = super::Kernels {
-    isa: crate::cpu::Isa::Scalar,
     gemv_name: "avx512 GEMV on the software model",
-    gemm_name: "scalar 6x16 f32",
     e4m3_unit: 256.0,
     gemv_nk: |fmt, lhs, rows, k, w, ncols, out, os, mul| {
         // SAFETY: the model uses no special instructions.
@@ -299,15 +283,5 @@ pub(crate) static MODEL_TABLE: super::Kernels = super::Kernels {
         // SAFETY: the model uses no special instructions.
         unsafe { kn_rows::<Model16>(fmt, lhs, ls, rows, kr, w, ncols, acc) }
     },
-    gemv_nk_f32: |lhs, rows, k, w, ncols, out, os| {
-        super::scalar::gemv_nk(|x| x, lhs, rows, k, w, ncols, out, os, Mul::ONE)
-    },
-    kn_rows_f32: |lhs, ls, rows, kr, w, ncols, acc| {
-        super::scalar::kn_rows(|x| x, lhs, ls, rows, kr, w, ncols, acc)
-    },
-    pack_kn: None,
-    pack_nk: None,
-    micro: super::scalar::micro,
-    tile_gemm: None,
-    tile_min_rows: usize::MAX,
+    ..super::table::SCALAR
 };

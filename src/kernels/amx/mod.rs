@@ -69,63 +69,24 @@ pub(super) fn table() -> Option<&'static Kernels> {
 #[cfg(target_arch = "x86_64")]
 static TABLE: Kernels = Kernels {
     isa: crate::cpu::Isa::Amx,
-    gemv_name: super::avx512::TABLE.gemv_name,
-    gemm_name: super::avx512::TABLE.gemm_name,
-    e4m3_unit: super::avx512::TABLE.e4m3_unit,
-    gemv_nk: super::avx512::TABLE.gemv_nk,
-    kn_rows: super::avx512::TABLE.kn_rows,
-    gemv_nk_f32: super::avx512::TABLE.gemv_nk_f32,
-    kn_rows_f32: super::avx512::TABLE.kn_rows_f32,
-    pack_kn: super::avx512::TABLE.pack_kn,
-    pack_nk: super::avx512::TABLE.pack_nk,
-    micro: super::avx512::TABLE.micro,
     tile_gemm: Some(|par, lhs, m, w, scale, out| {
         // SAFETY: reachable only through `TABLE`, which `table` hands out where AMX runs.
         unsafe { gemm::<hw::AmxUnit>(par, lhs, m, w, scale, out) }
     }),
     tile_min_rows: TILE_MIN_ROWS,
+    ..super::avx512::TABLE
 };
 
 /// The scalar table with the tile GEMM on the software model, from the first row count
 /// above the GEMV's (so the tests send every GEMM-shaped case through the tiles).
 #[cfg(test)]
 pub(crate) static MODEL_TABLE: Kernels = Kernels {
-    isa: crate::cpu::Isa::Scalar,
-    gemv_name: "scalar",
-    gemm_name: "scalar 6x16 f32",
-    e4m3_unit: 1.0,
-    gemv_nk: |fmt, lhs, rows, k, w, ncols, out, os, mul| {
-        let tab = super::table(fmt);
-        super::scalar::gemv_nk(
-            |q: u8| tab[q as usize],
-            lhs,
-            rows,
-            k,
-            w,
-            ncols,
-            out,
-            os,
-            mul,
-        )
-    },
-    kn_rows: |fmt, lhs, ls, rows, kr, w, ncols, acc| {
-        let tab = super::table(fmt);
-        super::scalar::kn_rows(|q: u8| tab[q as usize], lhs, ls, rows, kr, w, ncols, acc)
-    },
-    gemv_nk_f32: |lhs, rows, k, w, ncols, out, os| {
-        super::scalar::gemv_nk(|x| x, lhs, rows, k, w, ncols, out, os, super::Mul::ONE)
-    },
-    kn_rows_f32: |lhs, ls, rows, kr, w, ncols, acc| {
-        super::scalar::kn_rows(|x| x, lhs, ls, rows, kr, w, ncols, acc)
-    },
-    pack_kn: None,
-    pack_nk: None,
-    micro: super::scalar::micro,
     tile_gemm: Some(|par, lhs, m, w, scale, out| {
         // SAFETY: the model uses no special instructions.
         unsafe { gemm::<tiles::TileModel>(par, lhs, m, w, scale, out) }
     }),
     tile_min_rows: super::GEMV_MAX_M + 1,
+    ..super::table::SCALAR
 };
 
 /// bf16 bits of every code of `fmt` (exact).

@@ -4,6 +4,8 @@
 use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
+use crate::fp8::avx2::{pack16, to_bf16};
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use crate::fp8::{decode, Format};
@@ -33,7 +35,7 @@ pub(super) fn f32_to_bf16(src: &[f32], hi: &mut [u16], lo: Option<&mut [u16]>) {
     assert_eq!(src.len(), hi.len(), "f32_to_bf16: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        let full = src.len() - src.len() % 8;
+        let full = src.len() - src.len() % 16;
         let (lo_full, lo_tail) = match lo {
             Some(l) => {
                 assert_eq!(l.len(), src.len(), "f32_to_bf16: lengths differ");
@@ -42,7 +44,7 @@ pub(super) fn f32_to_bf16(src: &[f32], hi: &mut [u16], lo: Option<&mut [u16]>) {
             }
             None => (None, None),
         };
-        // SAFETY: AVX2 checked; reads and writes 8 elements at `i < full`.
+        // SAFETY: AVX2 checked; reads and writes 16 elements at `i < full`.
         unsafe { f32_avx2(&src[..full], &mut hi[..full], lo_full) };
         f32_scalar(&src[full..], &mut hi[full..], lo_tail);
         return;
@@ -92,50 +94,36 @@ unsafe fn codes_avx2<const E5: bool>(src: &[u8], dst: &mut [u16]) {
         let (a, b) = super::super::avx2::cvt16::<E5>(src.as_ptr().add(i));
         let ha = _mm256_srli_epi32::<16>(_mm256_castps_si256(_mm256_mul_ps(a, unit)));
         let hb = _mm256_srli_epi32::<16>(_mm256_castps_si256(_mm256_mul_ps(b, unit)));
-        // packus works per 128-bit lane: [a0..3 b0..3 | a4..7 b4..7]; reorder the quarters.
-        let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(ha, hb));
-        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, packed);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, pack16(ha, hb));
         i += 16;
     }
 }
 
-/// bf16 bits (in the low 16 bits of each 32-bit lane) of 8 floats, to nearest even; NaN
-/// keeps its sign and becomes quiet, as `half::bf16::from_f32` does.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn bf16_bits(x: __m256) -> __m256i {
-    let bits = _mm256_castps_si256(x);
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-    let rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
-    let nearest = _mm256_srli_epi32::<16>(rounded);
-    let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
-    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-    _mm256_blendv_epi8(nearest, quiet, nan)
-}
-
-/// 8 32-bit lanes holding 16-bit values, stored as 8 u16.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn store8(dst: *mut u16, v: __m256i) {
-    let packed = _mm256_packus_epi32(v, v); // [v0..3 v0..3 | v4..7 v4..7]
-    let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(packed);
-    _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(ordered));
-}
-
+/// 16 floats a step, rounded to bf16 by the FP8 module's `to_bf16` (the bits of
+/// `half::bf16::from_f32`), and with `lo` the rounded remainders.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f32_avx2(src: &[f32], hi: &mut [u16], lo: Option<&mut [u16]>) {
     let mut lo = lo;
     let mut i = 0;
-    while i + 8 <= src.len() {
-        let x = _mm256_loadu_ps(src.as_ptr().add(i));
-        let h = bf16_bits(x);
-        store8(hi.as_mut_ptr().add(i), h);
+    while i + 16 <= src.len() {
+        let x = [
+            _mm256_loadu_ps(src.as_ptr().add(i)),
+            _mm256_loadu_ps(src.as_ptr().add(i + 8)),
+        ];
+        let h = [to_bf16(x[0]), to_bf16(x[1])];
+        _mm256_storeu_si256(hi.as_mut_ptr().add(i) as *mut __m256i, pack16(h[0], h[1]));
         if let Some(lo) = lo.as_deref_mut() {
-            let back = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h));
-            store8(lo.as_mut_ptr().add(i), bf16_bits(_mm256_sub_ps(x, back)));
+            let rest = |j: usize| {
+                let back = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h[j]));
+                to_bf16(_mm256_sub_ps(x[j], back))
+            };
+            _mm256_storeu_si256(
+                lo.as_mut_ptr().add(i) as *mut __m256i,
+                pack16(rest(0), rest(1)),
+            );
         }
-        i += 8;
+        i += 16;
     }
 }
 
