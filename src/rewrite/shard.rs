@@ -788,9 +788,12 @@ fn plan(
                 let parts: u64 = rows.iter().map(|a| mesh.size(a)).product();
                 (dims[0] / parts, rows.clone())
             });
+            // Operand 2, the per-row scales (one per table row), is split like the rows.
+            let mut operands = vec![s.dims.clone(), vec![Vec::new(); idx_rank]];
+            operands.extend(op.operand_types.iter().skip(2).map(|_| vec![rows.clone()]));
             Plan {
                 mesh: String::new(),
-                operands: vec![s.dims.clone(), vec![Vec::new(); idx_rank]],
+                operands,
                 result,
                 reduce: rows.clone(),
                 vocab,

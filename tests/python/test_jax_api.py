@@ -91,10 +91,11 @@ def mlp64(p, toks, act=None, fmt="e4m3fn", observe=None):
 
 def reference_params(p, fmt, per_channel, skip=()):
     """The weights as FP8 stores them: layer weights per output channel (their last dim) or
-    per tensor, the embedding per tensor (it feeds a gather)."""
+    per tensor; the tied embedding per row (its output channel at the tied head) or per
+    tensor."""
     out = jax.tree_util.tree_map(np.asarray, p)
     if "embed" not in skip:
-        out["embed"] = fake_quant_weight(p["embed"], fmt, None)
+        out["embed"] = fake_quant_weight(p["embed"], fmt, 0 if per_channel else None)
     for i, layer in enumerate(out["layers"]):
         if f"layers/{i}/w" not in skip:
             layer["w"] = fake_quant_weight(layer["w"], fmt, 1 if per_channel else None)
@@ -194,7 +195,7 @@ def test_parameter_pytree_holds_one_byte_per_quantized_weight(rng, capsys):
         assert np.asarray(got).dtype == np.asarray(want).dtype
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert q.leaves["embed"].kind == "embed+matmul" and q.leaves["layers/0/w"].kind == "matmul"
-    assert q.leaves["embed"].channel_dim is None
+    assert q.leaves["embed"].channel_dim == 0  # one scale per row, gathered with the row
     assert q.leaves["layers/0/w"].channel_dim == 1 and q.leaves["layers/1/w"].channel_dim == 1
     weights = V * D + D * H + H * D
     floats = H + D + D + 5 * 7
@@ -379,7 +380,7 @@ def test_flax_nnx_model_equals_float64_fake_quant(act, rng):
     assert sorted(q.leaves) == ["down/kernel/value", "embed/embedding/value", "up/kernel/value"]
     assert q.leaves["embed/embedding/value"].kind == "embed+matmul"
     fq = dict(s)
-    fq["embed/embedding/value"] = fake_quant_weight(s["embed/embedding/value"], "e4m3fn", None)
+    fq["embed/embedding/value"] = fake_quant_weight(s["embed/embedding/value"], "e4m3fn", 0)  # per row
     fq["up/kernel/value"] = fake_quant_weight(s["up/kernel/value"], "e4m3fn", 1)
     fq["down/kernel/value"] = fake_quant_weight(s["down/kernel/value"], "e4m3fn", 1)
     got = q(q.params, x)

@@ -442,9 +442,10 @@ def quantize(fn, params, *example_args, config: StaticQuantConfig | None = None,
         kind = "embed+matmul" if embed and i in free else "embed" if embed else "matmul"
         w = np.asarray(leaves[i], np.float32)
         channel_dim = None
-        # Leaves a gather reads keep one scale (the lookup then dequantizes only the rows it
-        # takes), as in the Keras path.
-        if config.granularity == "per_channel" and not embed and free[i]:
+        # As in the Keras path: per channel along the largest free dim of the matmul; for a
+        # tied table (gathered and multiplied) that is its rows, so the lookup gathers each
+        # row's scale with it. A table only gathered keeps one scale.
+        if config.granularity == "per_channel" and free[i]:
             channel_dim = max(free[i], key=lambda d: (w.shape[d], d))
         c, scale = ops.quantize_weight(w, config.w_format, channel_dim)
         a_scale = ops.scale_for(amax[i], config.a_format) if i in amax else None
