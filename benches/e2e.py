@@ -414,6 +414,26 @@ def parse_args(argv):
     return args
 
 
+# Options that only say where files go or how long to wait: they do not change what is
+# measured, and their values are local paths, which published results should not carry.
+_LOCAL_OPTIONS = {"--out": True, "--work": True, "--timeout": True, "--keep-work": False}
+
+
+def reported_command(argv) -> str:
+    """The command line as results record it: `fp8xla bench` and the options that shape the
+    measurement (contenders, repetitions, model, text, --quick), without the local ones."""
+    kept, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in _LOCAL_OPTIONS:
+            takes_value = _LOCAL_OPTIONS[name] and "=" not in argv[i]
+            i += 2 if takes_value else 1
+            continue
+        kept.append(argv[i])
+        i += 1
+    return " ".join(["fp8xla bench", *kept])
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -427,7 +447,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now().astimezone()
     results = {
         "schema": 1,
-        "command": " ".join(["fp8xla bench", *argv]),
+        "command": reported_command(argv),
         "started": started.isoformat(timespec="seconds"),
         "machine": machine_info(),
         "versions": versions(),

@@ -303,3 +303,11 @@ def test_a_serving_worker_that_fails_is_reported(tiny_preset, tmp_path):
     assert result["status"] == "failed"
     assert "unknown command 'no-such-command'" in result["error"]
     assert any("measure FAILED" in line for line in lines)
+
+
+def test_reported_command_drops_only_the_local_options():
+    argv = ["--contenders", "float32,fp8xla-e4m3", "--out", "somewhere/results", "--reps", "5",
+            "--work=scratch", "--keep-work", "--timeout", "60", "-m", "gemma3_270m", "--quick"]
+    assert e2e.reported_command(argv) == (
+        "fp8xla bench --contenders float32,fp8xla-e4m3 --reps 5 -m gemma3_270m --quick")
+    assert e2e.reported_command([]) == "fp8xla bench"
