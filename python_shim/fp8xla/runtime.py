@@ -10,6 +10,7 @@ once per input signature), with the FP8 codes in place of the float weights.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -66,8 +67,49 @@ def _var_specs(variables):
             for v in variables]
 
 
+@contextlib.contextmanager
+def _kv_cache_constrained(model, shardings):
+    """While tracing the generate step: the KV cache Keras-Hub's ``_build_cache`` returns (seeded
+    by the prompt, before the decode loop carries it) gets ``with_sharding_constraint`` to its
+    layer's key/value layout (:func:`fp8xla.keras.distribution.kv_cache_shardings`).
+
+    Why: Keras-Hub creates the cache inside the step, so the exported module has no sharding
+    for it and the rewrite's ``shard_calls`` pass would leave the decode loop's calls on it
+    (``fp8xla_update_slice``, ``fp8xla_dot_f32``) to XLA, which gathers the cache on every
+    device. The constraint sits on the loop's initial value, not inside the loop, so the
+    loop-carried cache is still updated in place; the pass follows it into the loop. Only
+    this one model instance's method is wrapped, only for the trace; single-device models
+    and other architectures (``shardings`` None) are untouched."""
+    build = getattr(model, "_build_cache", None)
+    if shardings is None or build is None:
+        yield
+        return
+
+    def build_cache(*args, **kwargs):
+        hidden_states, cache = build(*args, **kwargs)
+        if len(cache) != len(shardings) or any(len(kv) != 2 for kv in cache):
+            raise ValueError(
+                f"fp8xla: expected Keras-Hub's KV cache as one (key, value) pair per layer "
+                f"({len(shardings)} layers), got {len(cache)} entries")
+        cache = tuple(tuple(jax.lax.with_sharding_constraint(c, s) for c, s in zip(kv, ss))
+                      for kv, ss in zip(cache, shardings))
+        return hidden_states, cache
+
+    # An instance attribute shadows the method; set past Keras' attribute tracking.
+    object.__setattr__(model, "_build_cache", build_cache)
+    try:
+        yield
+    finally:
+        object.__delattr__(model, "_build_cache")
+
+
 def _stateless_generate(model, stop_token_ids):
-    """Keras-Hub's compiled generate step with all variables as explicit state."""
+    """Keras-Hub's compiled generate step with all variables as explicit state; a sharded
+    model's KV cache takes its key/value layout (:func:`_kv_cache_constrained`)."""
+    from .keras.distribution import kv_cache_shardings
+
+    # read from the variables' layouts here, outside the trace (where values are tracers)
+    cache_shardings = kv_cache_shardings(model)
 
     def generate(inputs, state):
         sampler_v, trainable_v, non_trainable_v = state
@@ -76,7 +118,8 @@ def _stateless_generate(model, stop_token_ids):
             zip(model.trainable_variables, trainable_v),
             zip(model.non_trainable_variables, non_trainable_v),
         )
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        with keras.StatelessScope(state_mapping=mapping) as scope, \
+                _kv_cache_constrained(model, cache_shardings):
             outputs = model.generate_step(inputs, stop_token_ids)
         # Keras-Hub 0.32 returns "images": None without a preprocessor; generate() fails on it.
         outputs = {k: v for k, v in outputs.items() if v is not None}

@@ -1,7 +1,10 @@
 """A tiny Keras-Hub Gemma3 under keras.distribution.ModelParallel (batch 1, model 2) on 2 CPU
 devices (JAX_NUM_CPU_DEVICES=2, set by the caller): FP8 greedy tokens identical to the
-single-device FP8 model. `python keras_sharding_worker.py KV_HEADS`."""
+single-device FP8 model, and the decode loop's calls on the KV cache run on each device's
+heads of it (2 KV heads) or on the whole cache (1 KV head: replicated).
+`python keras_sharding_worker.py KV_HEADS`."""
 import os
+import re
 import sys
 import tempfile
 
@@ -13,7 +16,7 @@ import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fp8xla.keras as fp8xla_keras  # noqa: E402
-from fp8xla import graph  # noqa: E402
+from fp8xla import graph, runtime  # noqa: E402
 from fp8xla.keras import StaticQuantConfig, gemma3_layout_map, quantize_model  # noqa: E402
 
 assert len(jax.devices()) == 2
@@ -51,22 +54,41 @@ def fp8(model):
                           calib_function=lambda m: m.generate(prompts(), stop_token_ids=None))
 
 
-single = fp8(tiny_gemma3())
-want = single.generate(prompts(), stop_token_ids=None)["token_ids"]
-single_logits = np.asarray(single.predict_on_batch(prompts()))
-
-mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), keras.distribution.list_devices())
-reports = []
 quantize_exported = graph.quantize_exported
+reports = []
 
 
 def recording(exp, options):
-    q, report = quantize_exported(exp, options)
+    # The tiny caches are far below the size at which the attention products become
+    # fp8xla_dot_f32 by default; lowered so that the decode loop has them (both models).
+    q, report = quantize_exported(exp, dict(options, decode_dots_min_bytes=1))
     reports.append(report)
     return q, report
 
 
 graph.quantize_exported = recording
+single = fp8(tiny_gemma3())
+want = single.generate(prompts(), stop_token_ids=None)["token_ids"]
+single_logits = np.asarray(single.predict_on_batch(prompts()))
+
+mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), keras.distribution.list_devices())
+reports.clear()
+generate_runs = []
+graph_cache_get = runtime.GraphCache.get
+
+
+def recording_get(self, inputs, stop_token_ids=None):
+    run = graph_cache_get(self, inputs, stop_token_ids)
+    if self.kind != "generate":
+        return run
+
+    def call(*args):
+        generate_runs.append((run, args))
+        return run(*args)
+
+    return call
+
+
 layout = gemma3_layout_map(mesh, tiny_gemma3().backbone)
 dist = keras.distribution.ModelParallel(layout_map=layout, batch_dim_name="batch")
 with dist.scope():
@@ -74,7 +96,11 @@ with dist.scope():
     q = model.backbone.get_layer("decoder_block_0").attention.query_dense.kernel
     assert q.value.sharding.spec[0] == "model", q.value.sharding
     model = fp8(model)
+    runtime.GraphCache.get = recording_get
     got = model.generate(prompts(), stop_token_ids=None)["token_ids"]
+    runtime.GraphCache.get = graph_cache_get
+    run, args = generate_runs[-1]
+    hlo = run.lower(*args).compile().as_text()
     logits = np.asarray(model.predict_on_batch(prompts()))
 
 np.testing.assert_array_equal(got, want)
@@ -101,7 +127,31 @@ with tempfile.TemporaryDirectory() as d:
     np.testing.assert_array_equal(again, want)
     for i, c in loaded.fp8.codes.items():
         assert c.sharding == model.fp8.codes[i].sharding, (i, c.sharding)
+# The KV cache [batch 1, length 16, KV heads, head dim 16]: split on heads with 2 KV heads,
+# whole with 1 (the key/value kernels are replicated then). Every update of the decode loop
+# runs on the cache each device holds (so do its attention products where they became
+# fp8xla_dot_f32: with 2 KV heads the heads dim sits between length and head dim, a layout
+# fp8xla_dot_f32 does not take, and XLA partitions those products itself); no collective
+# carries the whole cache. (Compiled HLO names the operands only: their shapes come from their
+# defining lines.)
+shape_of = dict(re.findall(r"^\s*(?:ROOT )?(%\S+) = (\S+?)(?:\{[^}]*\})? ", hlo, re.M))
+whole = f"f32[1,16,{KV_HEADS},16]"
+local = "f32[1,16,1,16]"
+caches = {}
+for target in ("fp8xla_update_slice", "fp8xla_dot_f32"):
+    caches[target] = []
+    for line in hlo.splitlines():
+        if f'custom_call_target="{target}"' in line:
+            operands = re.search(r"custom-call\(([^)]*)\)", line).group(1).split(", ")
+            caches[target] += [shape_of.get(o, "") for o in operands
+                               if shape_of.get(o, "").startswith("f32[1,16,")]
+    assert set(caches[target]) <= {local}, (target, caches[target])
+assert len(caches["fp8xla_update_slice"]) == 4, caches  # 2 layers x (key, value)
+collectives = [line for line in hlo.splitlines() if whole in line and re.search(
+    r"\b(all-gather|all-reduce|all-to-all|collective-permute)(-start)?\(", line)]
+assert not collectives, collectives
 shards = sum(h["kind"] == "shard" for r in reports for h in r["handled"])
 assert shards > 0, "no fp8xla call was sharded"
 print("tokens", got.tolist())
+print("cache calls", {t: len(c) for t, c in caches.items()})
 print("ok", KV_HEADS, "sharded calls", shards)

@@ -85,6 +85,38 @@ def variable_sharding(variable):
     return None
 
 
+def kv_cache_shardings(model):
+    """The sharding of each layer's KV cache of a Keras-Hub Gemma3 causal LM as its key/value
+    kernels are laid out: ``[(key, value), ...]`` ``NamedSharding``s of the caches
+    ``[batch, length, kv_heads, head_dim]``, or ``None`` when the model is on one device or
+    its layers are not Gemma3's (then no constraint is put: XLA decides, as before).
+
+    The KV heads take the mesh axes of the key/value kernel's heads dimension (so split on the
+    model axis when the KV heads divide it, replicated otherwise: :func:`gemma3_layout_map`);
+    the batch, length and head dims stay whole, as the prompt the generate step gets is
+    replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    layers = getattr(getattr(model, "backbone", None), "transformer_layers", None)
+    if not layers:
+        return None
+    out = []
+    for layer in layers:
+        attention = getattr(layer, "attention", None)
+        pair = []
+        for name in ("key_dense", "value_dense"):
+            kernel = getattr(getattr(attention, name, None), "kernel", None)
+            if kernel is None or len(kernel.shape) != 3:
+                return None  # not Gemma3's (kv_heads, hidden, head_dim) kernel
+            s = variable_sharding(kernel)
+            if s is None:
+                return None
+            spec = tuple(s.spec) + (None,) * (3 - len(s.spec))
+            pair.append(NamedSharding(s.mesh, PartitionSpec(None, None, spec[0], None)))
+        out.append(tuple(pair))
+    return out
+
+
 def host_value(x):
     """A variable's value as one host array, also when its shards live in other processes
     (gathered over ``jax.distributed``; every process must call this)."""
