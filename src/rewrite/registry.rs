@@ -18,8 +18,8 @@ pub const PASSES: &[&str] = &[
     "instrument",
     "update_slices_in_place",
     "decode_dots",
-    "fp8_kv_cache",
     "shard_calls",
+    "fp8_kv_cache",
 ];
 
 /// Runs pass `name` on the module text with its JSON options; returns the rewritten module and
