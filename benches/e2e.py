@@ -379,13 +379,19 @@ def _ratio(a, b):
 
 def parse_args(argv):
     keys = [c.key for c in e2e_contenders.CONTENDERS]
+    default_keys = [c.key for c in e2e_contenders.CONTENDERS if c.in_default_run]
     ap = argparse.ArgumentParser(
         prog="fp8xla bench",
         description="End-to-end benchmark of Gemma 3 270M: float32 Keras, fp8xla FP8, INC FP8, "
                     "Keras int8, llama.cpp Q8_0 and F32 (tokens/s, peak RSS, GPL-3 "
                     "perplexity, decode's share of the memory bandwidth). Takes minutes.")
-    ap.add_argument("--contenders", default=",".join(keys),
-                    help=f"comma-separated subset of: {', '.join(keys)} (default: all)")
+    ap.add_argument("--contenders", default=",".join(default_keys),
+                    help=f"comma-separated subset of: {', '.join(keys)} (default: all but "
+                         f"{', '.join(sorted(set(keys) - set(default_keys)))})")
+    ap.add_argument("--prompt-tokens", type=int,
+                    help="prompt length that decode continues (default 512; 32 with --quick); "
+                         "long contexts: 4096 with fp8xla-e4m3-kv8")
+    ap.add_argument("--new-tokens", type=int, help="decoded tokens (default 128; 8 with --quick)")
     ap.add_argument("--reps", type=int, help="timed repetitions per measurement (default 5; "
                                              "1 with --quick)")
     ap.add_argument("--out", default="bench-results", help="output directory "
@@ -409,8 +415,9 @@ def parse_args(argv):
                  f"choose from {', '.join(keys)}")
     # float32 runs first: the others are compared with it
     args.contenders = [c for c in e2e_contenders.CONTENDERS if c.key in chosen]
-    if args.reps is not None and args.reps < 1:
-        ap.error("--reps must be at least 1")
+    for name in ("reps", "prompt_tokens", "new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -439,8 +446,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     make = Settings.quick if args.quick else Settings
     settings = make(model=args.model, text_path=args.text)
-    if args.reps is not None:
-        settings.reps = args.reps
+    for name in ("reps", "prompt_tokens", "new_tokens"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work_root = Path(args.work) if args.work else out / "work"

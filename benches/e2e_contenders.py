@@ -34,6 +34,7 @@ class Contender:
     config: dict = field(default_factory=dict)  # quantization settings of the kind
     requires: str | None = None  # a module that must be importable, else the contender is skipped
     install_hint: str = ""
+    in_default_run: bool = True  # run without --contenders (else only when named)
 
     @property
     def has_preset(self) -> bool:
@@ -58,6 +59,11 @@ CONTENDERS = [
               {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3"}),
     Contender("fp8xla-e4m3-wonly", "fp8xla e4m3 weight-only", "fp8xla",
               {"weight_dtype": "fp8_e4m3", "activation_dtype": None}),
+    # The FP8 KV cache: for long contexts (--prompt-tokens 4096). Its perplexity here is the
+    # forward pass's, which has no cache (the cache's own effect: docs/quality.md).
+    Contender("fp8xla-e4m3-kv8", "fp8xla e4m3 w+a, FP8 KV cache", "fp8xla",
+              {"weight_dtype": "fp8_e4m3", "activation_dtype": "fp8_e4m3",
+               "kv_cache_dtype": "fp8_e4m3"}, in_default_run=False),
     Contender("fp8xla-e5m2", "fp8xla e5m2 w+a", "fp8xla",
               {"weight_dtype": "fp8_e5m2", "activation_dtype": "fp8_e5m2"}),
     # GPTQ rounding (docs/quality.md), calibrated like the others on the CLI's prompts

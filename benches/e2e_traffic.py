@@ -67,8 +67,12 @@ def kv_bytes_per_position(layers: int, kv_heads: int, head_dim: int, bytes_per_e
 
 def keras_kv_bytes_per_position(model) -> int:
     """Keras-Hub Gemma 3's cache: per layer a key and a value tensor of [batch, length,
-    kv_heads, head_dim] in the model's compute dtype."""
+    kv_heads, head_dim] in the model's compute dtype, or with ``kv_cache_dtype`` FP8 codes
+    and one float32 scale per row (position and head)."""
     b = model.backbone
+    state = getattr(model, "fp8", None)
+    if state is not None and getattr(state.config, "kv_cache_dtype", None):
+        return kv_bytes_per_position(b.num_layers, b.num_key_value_heads, b.head_dim + 4, 1)
     return kv_bytes_per_position(b.num_layers, b.num_key_value_heads, b.head_dim,
                                  np.dtype(model.compute_dtype).itemsize)
 

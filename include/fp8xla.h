@@ -28,6 +28,7 @@ struct XLA_FFI_Error* fp8xla_matmul(struct XLA_FFI_CallFrame* frame);       /* F
 struct XLA_FFI_Error* fp8xla_dot_f32(struct XLA_FFI_CallFrame* frame);      /* f32 GEMV dot */
 struct XLA_FFI_Error* fp8xla_take(struct XLA_FFI_CallFrame* frame);         /* FP8 row lookup */
 struct XLA_FFI_Error* fp8xla_update_slice(struct XLA_FFI_CallFrame* frame); /* in place */
+struct XLA_FFI_Error* fp8xla_quantize_rows(struct XLA_FFI_CallFrame* frame); /* row scales */
 
 /* The custom-call targets this library exports (the handlers above), each name followed by
  * '\n', as one static NUL-terminated string owned by the library (do not free it). */

@@ -37,6 +37,10 @@ class QuantConfig:
     gptq_damp, gptq_embedding_damp: GPTQ's damping (fraction of the Gram matrix's mean
         diagonal) for the linear layers and for the embedding.
     float_weights: paths of weights kept in float (what ``autotune`` falls back to).
+    kv_cache_dtype: ``"fp8_e4m3"`` or ``"fp8_e5m2"``: the decode loop's KV cache is stored
+        in FP8, one scale per position and head computed when the row is written, and the
+        decode attention reads it through FP8 GEMV kernels (docs/architecture.md, "FP8 KV
+        cache"); None (default): a float32 cache.
     """
 
     weight_dtype: str = "fp8_e4m3"
@@ -50,21 +54,22 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_embedding_damp: float = 0.1
     float_weights: tuple = ()
+    kv_cache_dtype: str | None = None
 
     #: Activation scales computed per row at run time (DynamicQuantConfig) or static.
     dynamic = False
 
     def __post_init__(self):
         kind = type(self).__name__
-        for name in ("weight_dtype", "activation_dtype"):
+        for name in ("weight_dtype", "activation_dtype", "kv_cache_dtype"):
             v = getattr(self, name)
-            if v is None and name == "activation_dtype":
+            if v is None and name != "weight_dtype":
                 continue
-            if v not in _DTYPES:
+            if not isinstance(v, str) or v not in _DTYPES:
                 raise ValueError(
                     f"{kind}: unknown {name} {v!r}; expected one of "
                     f"{sorted(k for k in _DTYPES if k.startswith('fp8'))}"
-                    + (" or None" if name == "activation_dtype" else ""))
+                    + (" or None" if name != "weight_dtype" else ""))
         if self.granularity not in ("per_channel", "per_tensor"):
             raise ValueError(
                 f"{kind}: unknown granularity {self.granularity!r}; expected "
@@ -123,6 +128,10 @@ class QuantConfig:
     @property
     def a_format(self) -> str | None:
         return _DTYPES[self.activation_dtype] if self.activation_dtype else None
+
+    @property
+    def kv_format(self) -> str | None:
+        return _DTYPES[self.kv_cache_dtype] if self.kv_cache_dtype else None
 
 
 @dataclass(frozen=True)

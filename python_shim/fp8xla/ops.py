@@ -100,6 +100,22 @@ def quantize(x, scale, dtype="e4m3fn"):
     return jax.ffi.ffi_call("fp8xla_quantize", out, vmap_method="broadcast_all")(x, scale=s)
 
 
+def quantize_rows(x, dtype="e4m3fn"):
+    """FP8 codes of each row (last dim) of float32 ``x``, each row divided by its own scale
+    ``amax(row) / max`` (finite values; 1 for a row of zeros): returns ``(codes, scales)``,
+    the scales of shape ``x.shape[:-1]``. The FP8 KV cache's write (``fp8xla_quantize_rows``)."""
+    x = jnp.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"fp8xla.quantize_rows: `x` must be float32, got {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError("fp8xla.quantize_rows: `x` must have rank >= 1 (rows along the last "
+                         "dim), got a scalar")
+    out = (jax.ShapeDtypeStruct(x.shape, fp8_dtype(dtype)),
+           jax.ShapeDtypeStruct(x.shape[:-1], np.float32))
+    # Rows are independent: a batch is just more rows (one call).
+    return jax.ffi.ffi_call("fp8xla_quantize_rows", out, vmap_method="broadcast_all")(x)
+
+
 def dequantize(q, scale, dtype=jnp.float32):
     """``f32(q) * scale``: float8 → float32|bfloat16."""
     q = jnp.asarray(q)
@@ -426,11 +442,14 @@ def dot_f32(lhs, rhs, dimension_numbers=None):
     """``jax.lax.dot_general`` of two float32 arrays by the GEMV kernels (``fp8xla_dot_f32``):
     for few rows against a large operand, read once (attention over a KV cache in a decode
     step). The larger operand must be ``[batch, free, contracting, free]`` once its size-1
-    dims are dropped. ``dimension_numbers`` as in ``fp8_matmul``."""
+    dims are dropped; it may be float8_e4m3fn / float8_e5m2 codes, read as their exact values
+    (no scale: an FP8 KV cache). ``dimension_numbers`` as in ``fp8_matmul``."""
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    fp8 = {np.dtype(fp8_dtype("e4m3fn")), np.dtype(fp8_dtype("e5m2"))}
     for name, x in (("lhs", lhs), ("rhs", rhs)):
-        if x.dtype != np.float32:
-            raise TypeError(f"fp8xla.dot_f32: `{name}` must be float32, got {x.dtype}")
+        if x.dtype != np.float32 and np.dtype(x.dtype) not in fp8:
+            raise TypeError(f"fp8xla.dot_f32: `{name}` must be float32 (or FP8 codes, on the "
+                            f"larger side), got {x.dtype}")
     lc, rc, lb, rb = _dot_general_dims("dot_f32", lhs, rhs, dimension_numbers)
     shape, _ = _dot_general_shape("dot_f32", lhs.shape, rhs.shape, ((lc, rc), (lb, rb)))
     out = jax.ShapeDtypeStruct(shape, np.float32)

@@ -240,7 +240,10 @@ def install(model, config, qweights):
             if q.a_dynamic:
                 spec["a_dynamic"] = True
             weights.append(spec)
-        qexp, _ = graph.quantize_exported(exp, {"weights": weights})
+        options = {"weights": weights}
+        if config.kv_format:
+            options["kv_cache"] = config.kv_format
+        qexp, _ = graph.quantize_exported(exp, options)
         return qexp
 
     def with_codes(trainable):

@@ -132,6 +132,7 @@ def write_weights_file(path, model):
         "config": {"weight_dtype": cfg.weight_dtype, "activation_dtype": cfg.activation_dtype,
                    "granularity": cfg.granularity,
                    "quantize_embeddings": cfg.quantize_embeddings,
+                   **({"kv_cache_dtype": cfg.kv_cache_dtype} if cfg.kv_cache_dtype else {}),
                    **({"dynamic": True} if cfg.dynamic else {})},
         "num_trainable": len(trainable),
         "num_non_trainable": len(model.non_trainable_variables),

@@ -9,6 +9,7 @@ mod dot_f32;
 mod elementwise;
 mod matmul;
 pub mod observer;
+mod quantize_rows;
 mod take;
 mod update_slice;
 
@@ -16,6 +17,7 @@ pub use dot_f32::dot_f32;
 pub use elementwise::{dequantize, qdq, quantize};
 pub use matmul::matmul;
 pub use observer::observe;
+pub use quantize_rows::quantize_rows;
 pub use take::take;
 pub use update_slice::update_slice;
 

@@ -127,7 +127,7 @@ fn decode_shaped(op: &Op, min_bytes: usize) -> Option<DotDims> {
 }
 
 /// The product as the custom call (same operands, result and location).
-fn to_custom_call(op: &mut Op, dims: &DotDims) {
+pub(crate) fn to_custom_call(op: &mut Op, dims: &DotDims) {
     op.name = "stablehlo.custom_call".to_string();
     let backend = [
         ("lhs_batching_dims", &dims.lhs_batching),

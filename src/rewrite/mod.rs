@@ -12,6 +12,7 @@
 //! | `instrument` | `fp8xla_observe` on every weight matmul's activation | see below |
 //! | `update_slices_in_place` | loop-carried `dynamic_update_slice` → `fp8xla_update_slice` ([`inplace`]) | `{}` |
 //! | `decode_dots` | decode-shaped float32 `dot_general` → `fp8xla_dot_f32` ([`decode_dot`]) | `{"min_bytes": 65536}` (optional) |
+//! | `fp8_kv_cache` | a decode loop's float32 KV caches carried as FP8 codes with per-row scales ([`kv_cache`]) | `{"format": "e4m3fn"}` |
 //! | `shard_calls` | fp8xla calls on sharded operands → `sdy.manual_computation` ([`shard`]) | `{"entry": "main"}` (optional) |
 //!
 //! A run ([`pipeline`]) parses and verifies the module, then runs its passes in order, each a
@@ -63,6 +64,7 @@
 //!   "update_slices_in_place": true,
 //!   "decode_dots": true,
 //!   "decode_dots_min_bytes": 65536,
+//!   "kv_cache": "e4m3fn",
 //!   "entry": "main",
 //!   "args": [{"index": 5, "path": "decoder_block_0/attention/query/kernel"}]
 //! }
@@ -89,6 +91,9 @@
 //!   of a few rows with a large operand, such as attention over the KV cache, become
 //!   `fp8xla_dot_f32`); `decode_dots_min_bytes` (default 65536): the least size of that large
 //!   operand.
+//! - `kv_cache` (default `null`): the FP8 format (`"e4m3fn"` or `"e5m2"`) of the decode
+//!   loop's KV caches; the pass `fp8_kv_cache` then runs before `update_slices_in_place`
+//!   ([`kv_cache`]; caches it cannot keep FP8 are reported with kind `kv_cache_float`).
 //! - `shard_calls` (default `true`): whether the pass `shard_calls` runs last (fp8xla calls on
 //!   operands the module shards over a mesh run per shard; nothing happens without a mesh).
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
@@ -163,6 +168,7 @@ mod gather;
 pub mod inplace;
 pub mod instrument;
 pub mod ir;
+pub mod kv_cache;
 mod options;
 pub mod parse;
 pub mod pipeline;

@@ -264,6 +264,10 @@ pub(crate) struct QuantizeJson {
     /// module has a mesh and sharded arguments).
     #[serde(default)]
     pub shard_calls: Option<bool>,
+    /// The FP8 format of the decode loop's KV caches (pass `fp8_kv_cache`); absent or null:
+    /// they stay float32.
+    #[serde(default)]
+    pub kv_cache: Option<FormatName>,
 }
 
 /// The options of `instrument`.
@@ -284,6 +288,13 @@ pub(crate) struct InstrumentJson {
 pub(crate) struct DecodeDotsJson {
     #[serde(default)]
     pub min_bytes: Option<Index>,
+}
+
+/// The options of `fp8_kv_cache` run alone.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KvCacheJson {
+    pub format: FormatName,
 }
 
 /// The options of `shard_calls` run alone.

@@ -7,6 +7,7 @@
 //!   matmuls read the weight in its own layout);
 //! - `quantize_gathers`: embedding gathers take FP8 rows ([`super::gather`]);
 //! - `dequantize_other_uses`: any other use gets `convert` + `multiply` by the scale;
+//! - with the option `kv_cache`, `fp8_kv_cache` ([`super::kv_cache`]);
 //! - then, unless turned off, `update_slices_in_place`, `decode_dots` and `shard_calls`,
 //!
 //! verifying the module after each ([`super::pipeline`]).
@@ -22,6 +23,7 @@ use super::flow::{self, Flow, OtherUse, Site};
 use super::gather::rewrite_gather;
 use super::inplace::UpdateSlicesInPlace;
 use super::ir::{Dim, ElementType, Module, Op, TensorType, Type};
+use super::kv_cache::Fp8KvCache;
 use super::loc_json;
 use super::options::{self, arg_paths, opt_err, QuantizeJson, WeightSpec};
 use super::pipeline::{self, Context, Pass};
@@ -45,6 +47,8 @@ pub(crate) struct Options {
     paths: BTreeMap<usize, String>,
     /// Whether `shard_calls` runs last.
     shard_calls: bool,
+    /// The FP8 format of the KV caches (pass `fp8_kv_cache`), if any.
+    kv_cache: Option<Format>,
 }
 
 impl Options {
@@ -81,6 +85,7 @@ impl Options {
             ),
             paths: arg_paths(&json.args),
             shard_calls: json.shard_calls.unwrap_or(true),
+            kv_cache: json.kv_cache.map(|f| f.0),
         })
     }
 }
@@ -118,6 +123,10 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
         &QuantizeGathers,
         &DequantizeOtherUses,
     ];
+    let kv_cache = weights.opts.kv_cache.map(|format| Fp8KvCache { format });
+    if let Some(pass) = &kv_cache {
+        passes.push(pass);
+    }
     if weights.opts.update_slices_in_place {
         passes.push(&UpdateSlicesInPlace);
     }

@@ -6,7 +6,8 @@ use serde_json::json;
 use super::decode_dot::{DecodeDots, MIN_STREAMED_BYTES};
 use super::inplace::UpdateSlicesInPlace;
 use super::ir::Pos;
-use super::options::{self, DecodeDotsJson, NoOptions, ShardCallsJson};
+use super::kv_cache::Fp8KvCache;
+use super::options::{self, DecodeDotsJson, KvCacheJson, NoOptions, ShardCallsJson};
 use super::pipeline::{self, Context, Pass};
 use super::shard::ShardCalls;
 use super::{instrument, quantize, RewriteError};
@@ -18,6 +19,7 @@ pub const PASSES: &[&str] = &[
     "update_slices_in_place",
     "decode_dots",
     "shard_calls",
+    "fp8_kv_cache",
 ];
 
 /// Runs pass `name` on the module text with its JSON options; returns the rewritten module and
@@ -38,6 +40,10 @@ pub fn run_pass(
             let o: DecodeDotsJson = options::parse(options_json, "the decode_dots options")?;
             let min_bytes = o.min_bytes.map_or(MIN_STREAMED_BYTES, |b| b.0);
             run_alone(module_text, &DecodeDots { min_bytes })
+        }
+        "fp8_kv_cache" => {
+            let o: KvCacheJson = options::parse(options_json, "the fp8_kv_cache options")?;
+            run_alone(module_text, &Fp8KvCache { format: o.format.0 })
         }
         "shard_calls" => {
             let o: ShardCallsJson = options::parse(options_json, "the shard_calls options")?;

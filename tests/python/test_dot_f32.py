@@ -96,9 +96,9 @@ W = np.ones((8, 40), np.float32)
     (lambda: raw((2, 40), X, np.ones((9, 40), np.float32), **dims([1], [0])),
      "contracting dimension sizes differ: operand 0 \\(lhs\\) dim 1 has size 8 but operand 1 \\(rhs\\) dim 0 has size 9"),
     (lambda: raw((2, 40), X, W.astype(jnp.bfloat16), **dims([1], [0])),
-     "operand 1 \\(rhs\\): expected dtype float32, got bfloat16"),
+     "operand 1 \\(rhs\\): expected dtype float32 \\(or, streamed, float8_e4m3fn or float8_e5m2\\), got bfloat16"),
     (lambda: raw((2, 40), X.astype(np.int32), W, **dims([1], [0])),
-     "operand 0 \\(lhs\\): expected dtype float32, got int32"),
+     "operand 0 \\(lhs\\): expected dtype float32 \\(or, streamed, float8_e4m3fn or float8_e5m2\\), got int32"),
     (lambda: raw((2, 40), X, W, dtype=jnp.bfloat16, **dims([1], [0])),
      "result 0: expected dtype float32, got bfloat16"),
     (lambda: raw((2, 41), X, W, **dims([1], [0])), "result 0: expected shape \\[2, 40\\]"),
@@ -127,7 +127,7 @@ def test_bad_input_is_a_clear_error(case, match):
 
 
 def test_python_checks():
-    with pytest.raises(TypeError, match="`lhs` must be float32, got bfloat16"):
+    with pytest.raises(TypeError, match="`lhs` must be float32 \\(or FP8 codes, on the larger side\\), got bfloat16"):
         ops.dot_f32(X.astype(jnp.bfloat16), W)
     with pytest.raises(ValueError, match="contracting dims differ"):
         ops.dot_f32(X, np.ones((9, 40), np.float32))

@@ -378,7 +378,7 @@ def quantize(fn, params, *example_args, config: StaticQuantConfig | None = None,
     # Options of the Keras path that this one does not implement yet: refused, not ignored.
     unsupported = [f"{name}={getattr(config, name)!r}" for name, default in (
         ("rounding", "rtn"), ("weight_scale", "amax"), ("white_list", None),
-        ("float_weights", ())) if getattr(config, name) != default]
+        ("float_weights", ()), ("kv_cache_dtype", None)) if getattr(config, name) != default]
     if unsupported:
         raise ValueError(f"fp8xla.jax.quantize: {', '.join(unsupported)} is not supported by "
                          "fp8xla.jax yet (fp8xla.keras has it); use skip=... to keep leaves "
