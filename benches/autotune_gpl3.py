@@ -78,10 +78,18 @@ def main(argv=None):
         scores.append(r.perplexity)
         return 1.0 / r.perplexity
 
+    from fp8xla.tuning import TuningError
+
     model = models.load_model(args.model)
-    model = autotune(model, TuningConfig(config_set=config_set,
-                                         tolerable_loss=args.tolerable_loss),
-                     eval_fn, calib_function=calibration_function(calibration_passages()))
+    try:
+        model = autotune(model, TuningConfig(config_set=config_set,
+                                             tolerable_loss=args.tolerable_loss),
+                         eval_fn, calib_function=calibration_function(calibration_passages()))
+    except TuningError as e:
+        with open(os.path.join(args.out, "autotune.json"), "w") as f:
+            json.dump({"float32_perplexity": scores[0], "perplexities": scores,
+                       "error": str(e)}, f, indent=1)
+        raise
     r = model.fp8.tuning
     out = {"float32_perplexity": scores[0], "perplexities": scores,
            "trials": [{"config": t.config.describe(), "float_weights": list(t.float_weights),
