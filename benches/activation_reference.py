@@ -179,9 +179,15 @@ def main(argv=None):
     results["float32"] = compare("float32", fl, fl, chunks)
 
     fp8 = {}
+    keep = [s for s in (args.sites or "").split(",") if s]
+    # with --sites, fp8xla's dynamic scheme too quantizes only those weights' activations
+    others = tuple(v.path for v in model.trainable_variables
+                   if len(v.shape) >= 2 and keep and not any(s in v.path for s in keep))
     schemes = [("weight-only", StaticQuantConfig(activation_dtype=None), None),
-               ("dynamic", DynamicQuantConfig(), None)]
-    if not args.skip_static:
+               ("dynamic", DynamicQuantConfig(float_activation_layers=others), None)]
+    if keep:
+        schemes = schemes[1:]
+    if not args.skip_static and not keep:
         schemes.append(("static", StaticQuantConfig(),
                         calibration_function(calibration_passages(count=args.calib_passages))))
     qweights = None
@@ -209,12 +215,10 @@ def main(argv=None):
         originals[i] = np.asarray(v.value)
         v.assign(weight_rounding.dequantize(q.codes, q.w_scale, q.channel_dim)
                  .astype(originals[i].dtype))
-    keep = [s for s in (args.sites or "").split(",") if s]
-
     def selected(i):
         return not keep or any(s in qweights[i].path for s in keep)
 
-    refs = [("weight-only", {})]
+    refs = [] if keep else [("weight-only", {})]
     refs.append(("dynamic", {i: "row" for i in qweights if selected(i)}))
     if a_scales:
         refs.append(("static", {i: s for i, s in a_scales.items() if selected(i)}))
@@ -227,7 +231,7 @@ def main(argv=None):
             hooks.remove()
             model.predict_function = None
         results[f"reference {name}"] = compare(f"reference {name}", ref, fl, chunks)
-        if not keep:
+        if name in fp8:
             results[f"fp8xla {name} vs reference"] = compare(
                 f"fp8xla {name} vs reference", fp8[name], fl, chunks, ref)
     results["sites"] = keep or "all"
