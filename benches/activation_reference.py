@@ -57,8 +57,6 @@ class ActivationQdq:
         import jax
         import jax.numpy as jnp
 
-        from fp8xla.keras import _gram
-
         self._hooked = []
         var_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
 
