@@ -173,4 +173,3 @@ def test_autotune_takes_the_first_config_that_meets_and_errors_when_none_does():
     np.testing.assert_allclose(float_logits(model, x), float_logits(tiny_gemma3(), x))
     with pytest.raises(ValueError, match="TuningConfig: config_set is empty"):
         TuningConfig(config_set=[])
-
