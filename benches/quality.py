@@ -8,7 +8,9 @@ whose text is the one scored), and is scored with :func:`fp8xla.perplexity.gpl3_
 Results go to ``OUT/quality.json`` (one entry per scheme, written after each); float32's
 predictions are kept in ``OUT/float32_predictions.npy`` for the agreement. The Gram matrices
 GPTQ needs depend only on the float model and the calibration text, so they are collected once
-per run and reused by every GPTQ scheme (``OUT/grams.pkl``).
+per run and reused by every GPTQ scheme (``OUT/grams.pkl``); so are the FP8 codes, which
+depend only on how the weights are rounded (``OUT/codes.pkl``: a scheme with activations
+reuses the codes of its weight-only twin, also from an earlier run into the same ``OUT``).
 """
 from __future__ import annotations
 
@@ -41,16 +43,20 @@ SCHEMES = {
 }
 
 
-def calibration_passages(chars=1500, count=None):
-    """The calibration licences cut into passages of about ``chars`` characters (longer than
-    the 256-token window they are generated in, so each fills it); ``count`` of them, taken
-    evenly across the licences, or all."""
+def calibration_passages(chars=1500, count=None, stride=750):
+    """The calibration licences cut into passages of ``chars`` characters starting every
+    ``stride`` characters; ``count`` of them, taken evenly across the licences, or all.
+
+    A passage is longer than the 256-token window it is generated in (so each fills it and
+    generate only prefills) but only its first ~1100 characters fit in that window: with a
+    stride of half a passage, every part of the text is seen (in two contexts), about 19.5k
+    tokens from the six licences, where ``stride=chars`` would drop a third of the text."""
     out = []
     for name in CALIBRATION_LICENCES:
         with open(os.path.join(LICENCE_DIR, name), encoding="utf-8") as f:
             text = " ".join(f.read().split())
         # whole passages only: each fills the window, so generate only prefills
-        out += [text[i:i + chars] for i in range(0, len(text) - chars + 1, chars)]
+        out += [text[i:i + chars] for i in range(0, len(text) - chars + 1, stride)]
     if count is not None and count < len(out):
         out = [out[round(i * len(out) / count)] for i in range(count)]
     return out
@@ -74,12 +80,14 @@ def main(argv=None):
     ap.add_argument("--model", default="gemma3_270m")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--calib-passages", type=int, default=None,
-                    help="calibrate on this many 256-token passages (default: all, ~46)")
+                    help="calibrate on this many 256-token passages (default: all)")
+    ap.add_argument("--calib-stride", type=int, default=750,
+                    help="characters between passage starts (1500: no overlap, as before)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     from fp8xla import models, perplexity
-    from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, _gram, quantize_model
+    from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, _gram, _quantize
 
     results_path = os.path.join(args.out, "quality.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
@@ -114,8 +122,22 @@ def main(argv=None):
         return grams
 
     _gram.collect_grams = cached_collect
-    calib = calibration_function(calibration_passages(count=args.calib_passages))
-    results["calibration_passages"] = len(calibration_passages(count=args.calib_passages))
+    passages = calibration_passages(count=args.calib_passages, stride=args.calib_stride)
+    calib = calibration_function(passages)
+    results["calibration_passages"] = len(passages)
+    results["calibration_stride"] = args.calib_stride
+    # what quantize_model computes once per float model and calibration, shared by schemes
+    cache = {}
+    codes_path = os.path.join(args.out, "codes.pkl")
+    if os.path.exists(codes_path):
+        with open(codes_path, "rb") as f:
+            cache.update(pickle.load(f))
+
+    def save_codes():
+        codes = {k: v for k, v in cache.items() if isinstance(k, tuple)}
+        with open(codes_path + ".tmp", "wb") as f:
+            pickle.dump(codes, f)
+        os.replace(codes_path + ".tmp", codes_path)
     for name in args.schemes.split(","):
         settings = dict(SCHEMES[name])
         per_tensor_embedding = settings.pop("_embedding_per_tensor", False)
@@ -128,7 +150,8 @@ def main(argv=None):
         else:
             needs_calib = (config.activation_dtype and not config.dynamic) or \
                 config.rounding == "gptq"
-            model = quantize_model(model, config, calib if needs_calib else None)
+            model = _quantize(model, config, calib if needs_calib else None, cache)
+            save_codes()
         quantize_seconds = time.perf_counter() - t0
         r = perplexity.gpl3_perplexity(model, progress=True)
         fp8_bytes = sum(np.asarray(q.codes).nbytes + np.asarray(q.w_scale).nbytes

@@ -152,6 +152,16 @@ def _quantize(model, config, calib_function, cache):
         cache["dims"] = _matmul_dims(model, candidates)
         cache["dims_of"] = set(candidates)
     dims = cache["dims"]
+    if static_activations:
+        # e.g. matmuls that run only in generate's decode loop when calib_function only
+        # prefills: their activations stay float, which the user should know
+        unseen = [model.trainable_variables[i].path for i in candidates
+                  if i in dims and i not in amax]
+        if unseen:
+            _progress(f"calib_function never ran the matmuls of {len(unseen)} weight(s), so "
+                      f"their activations stay float32 (no static scale): {', '.join(unseen)}"
+                      " (calibration that also decodes a token reaches generate's decode "
+                      "loop)")
     # codes depend on how weights are rounded, not on activations or fallbacks
     codes_key = (config.w_format, config.granularity, config.weight_scale, config.rounding,
                  config.gptq_damp, config.gptq_embedding_damp)

@@ -7,7 +7,7 @@ kernel's order), and a ``ReversibleEmbedding`` called with ``reverse=True`` (the
 records ``XᵀX`` of the hidden states it projects, which is the Gram matrix of the transposed
 embedding table. The input rows are handed to the host by ``jax.debug.callback`` from inside the
 (jit-compiled) step, so generate, predict and eager calls all count, and the products are
-accumulated there in float64, in blocks. Keras-Hub's
+accumulated there in float64, in blocks (each block's product in float32). Keras-Hub's
 ``generate`` also runs its prefill over the padding of the prompt batch, which is counted like
 any other input.
 """
@@ -46,9 +46,12 @@ class Site:
     def flush(self):
         if not self.pending:
             return
-        x = np.concatenate(self.pending).astype(np.float64)
+        x = np.concatenate(self.pending)
         self.pending, self.pending_rows = [], 0
-        g = x.T @ x
+        # One block's product in float32 (half the time of float64 on AVX2), the sum over
+        # blocks in float64: a block of a few thousand rows is off by ~1e-6 relative, far
+        # below GPTQ's damping.
+        g = (x.T @ x).astype(np.float64)
         self.gram = g if self.gram is None else self.gram + g
 
 
