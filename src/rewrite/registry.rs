@@ -6,8 +6,9 @@ use serde_json::json;
 use super::decode_dot::{DecodeDots, MIN_STREAMED_BYTES};
 use super::inplace::UpdateSlicesInPlace;
 use super::ir::Pos;
-use super::options::{self, DecodeDotsJson, NoOptions, ShardCallsJson};
+use super::options::{self, DecodeDotsJson, NoOptions, SamplerArgmaxJson, ShardCallsJson};
 use super::pipeline::{self, Context, Pass};
+use super::sampler::{SamplerArgmax, MIN_SIZE};
 use super::shard::ShardCalls;
 use super::{instrument, quantize, RewriteError};
 
@@ -17,6 +18,7 @@ pub const PASSES: &[&str] = &[
     "instrument",
     "update_slices_in_place",
     "decode_dots",
+    "sampler_argmax",
     "shard_calls",
 ];
 
@@ -38,6 +40,11 @@ pub fn run_pass(
             let o: DecodeDotsJson = options::parse(options_json, "the decode_dots options")?;
             let min_bytes = o.min_bytes.map_or(MIN_STREAMED_BYTES, |b| b.0);
             run_alone(module_text, &DecodeDots { min_bytes })
+        }
+        "sampler_argmax" => {
+            let o: SamplerArgmaxJson = options::parse(options_json, "the sampler_argmax options")?;
+            let min_size = o.min_size.map_or(MIN_SIZE, |n| n.0);
+            run_alone(module_text, &SamplerArgmax { min_size })
         }
         "shard_calls" => {
             let o: ShardCallsJson = options::parse(options_json, "the shard_calls options")?;
