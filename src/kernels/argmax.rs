@@ -181,9 +181,9 @@ fn scan_body<T: ArgmaxInput>(xs: &[T], offset: usize) -> Best {
     // Second pass: the first position of the NaN or of the maximum (the piece was just read,
     // so it comes from cache; the search stops at the first hit).
     let found = if any_nan {
-        xs.iter().position(|x| x.to_f32().is_nan())
+        first_where(xs, |x| x.is_nan())
     } else {
-        xs.iter().position(|x| x.to_f32() == max)
+        first_where(xs, |x| x == max)
     };
     Best {
         value: if any_nan { f32::NAN } else { max },
@@ -191,6 +191,30 @@ fn scan_body<T: ArgmaxInput>(xs: &[T], offset: usize) -> Best {
         index: offset + found.expect("argmax: a non-empty piece holds its maximum"),
         nan: any_nan,
     }
+}
+
+/// The first position where `hit` holds: blocks of LANES are tested whole (one vector
+/// compare each) and only the block with the hit is searched element by element.
+#[inline(always)]
+fn first_where<T: ArgmaxInput>(xs: &[T], hit: impl Fn(f32) -> bool) -> Option<usize> {
+    let blocks = xs.chunks_exact(LANES);
+    let tail = xs.len() - blocks.remainder().len();
+    for (b, block) in blocks.enumerate() {
+        let mut any = false;
+        for x in block {
+            any |= hit(x.to_f32());
+        }
+        if any {
+            return block
+                .iter()
+                .position(|x| hit(x.to_f32()))
+                .map(|i| b * LANES + i);
+        }
+    }
+    xs[tail..]
+        .iter()
+        .position(|x| hit(x.to_f32()))
+        .map(|i| tail + i)
 }
 
 #[cfg(test)]
