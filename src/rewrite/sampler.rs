@@ -34,8 +34,10 @@
 //!   specified, so "only exact ties of probabilities differ" cannot be proven for it.
 //!
 //! Greedy decoding with fp8xla must give the tokens the same graph gives without the rewrite,
-//! so only the reduce is replaced and the softmax is kept. What the softmax costs is measured
-//! (in instructions) in docs/performance-notes.md.
+//! so only the reduce is replaced and the softmax is kept. What it costs (callgrind, one
+//! 262144-entry row, docs/performance-notes.md): about 7.7 M of the 11.8 M instructions of a
+//! sampler step once the argmax is `fp8xla_argmax` (19.0 M before), i.e. a fraction of a
+//! millisecond of a ~28 ms decode step.
 
 use std::collections::{HashMap, HashSet};
 
