@@ -35,7 +35,7 @@
 //!
 //! Greedy decoding with fp8xla must give the tokens the same graph gives without the rewrite,
 //! so only the reduce is replaced and the softmax is kept. What it costs (callgrind, one
-//! 262144-entry row, docs/performance-notes.md): about 7.7 M of the 11.8 M instructions of a
+//! 262144-entry row, docs/performance-notes.md): about 7.3 M of the 10.8 M instructions of a
 //! sampler step once the argmax is `fp8xla_argmax` (19.0 M before); the whole sampler was
 //! about 1 ms of a ~28 ms decode step in the earlier profile.
 
