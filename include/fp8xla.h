@@ -29,6 +29,7 @@ struct XLA_FFI_Error* fp8xla_dot_f32(struct XLA_FFI_CallFrame* frame);      /* f
 struct XLA_FFI_Error* fp8xla_take(struct XLA_FFI_CallFrame* frame);         /* FP8 row lookup */
 struct XLA_FFI_Error* fp8xla_update_slice(struct XLA_FFI_CallFrame* frame); /* in place */
 struct XLA_FFI_Error* fp8xla_quantize_rows(struct XLA_FFI_CallFrame* frame); /* row scales */
+struct XLA_FFI_Error* fp8xla_argmax(struct XLA_FFI_CallFrame* frame);       /* argmax, last dim */
 
 /* The custom-call targets this library exports (the handlers above), each name followed by
  * '\n', as one static NUL-terminated string owned by the library (do not free it). */
@@ -44,8 +45,8 @@ int64_t fp8xla_observer_read(int64_t* sites, float* amax, int64_t* count, int64_
 void fp8xla_observer_reset(void);
 
 /* Runs a graph-rewrite pass by name ("quantize", "instrument", "update_slices_in_place",
- * "decode_dots" or "shard_calls"; see src/rewrite/registry.rs) over StableHLO text (MLIR
- * generic form) with JSON options. Returns 0 and sets *out_module and *out_report (JSON) on success;
+ * "decode_dots", "sampler_argmax" or "shard_calls"; see src/rewrite/registry.rs) over
+ * StableHLO text (MLIR generic form) with JSON options. Returns 0 and sets *out_module and *out_report (JSON) on success;
  * returns 1 (the pass refused the module or options) or 2 (bad arguments, internal error) and
  * sets *out_report to the message and *out_module to NULL otherwise. Free both with
  * fp8xla_free_string. */

@@ -80,6 +80,41 @@ fn decode_dots_runs_alone_with_its_threshold() {
 }
 
 #[test]
+fn sampler_argmax_runs_alone_with_its_threshold() {
+    let text = data("gemma3.mlir");
+    let input = parse_module(&text).unwrap();
+    let reduces = ops_named(&input, "stablehlo.reduce").len();
+    // The tiny model's vocabulary (256) is under the default threshold: nothing to rewrite.
+    let (m, report) = run("sampler_argmax", &text, "{}");
+    assert_eq!(calls_to(&m, "fp8xla_argmax"), 0);
+    assert_eq!(report["handled"].as_array().unwrap().len(), 0);
+    // With the threshold at the vocabulary, the sampler's argmax (JAX's private `argmax`
+    // function, called in the decode loop) becomes the call, and no other reduce does.
+    let (m, report) = run("sampler_argmax", &text, r#"{"min_size": 256}"#);
+    assert_eq!(calls_to(&m, "fp8xla_argmax"), 1);
+    assert_eq!(ops_named(&m, "stablehlo.reduce").len(), reduces - 1);
+    let handled = report["handled"].as_array().unwrap();
+    assert_eq!(handled.len(), 1);
+    assert_eq!(handled[0]["kind"], "sampler_argmax");
+    assert_eq!(handled[0]["function"], "argmax");
+    let call = ops_named(&m, "stablehlo.custom_call")[0];
+    assert_eq!(call.operand_types.len(), 1);
+    assert_eq!(call.operand_types[0].to_string(), "tensor<1x256xf32>");
+    assert_eq!(call.result_types.len(), 1);
+    assert_eq!(call.result_types[0].to_string(), "tensor<1xi32>");
+    let (m, _) = run("sampler_argmax", &text, r#"{"min_size": 257}"#);
+    assert_eq!(calls_to(&m, "fp8xla_argmax"), 0);
+    // quantize runs it with its option, and not when turned off.
+    let mut opts: Value = serde_json::from_str(&data("gemma3.quantize.json")).unwrap();
+    opts["sampler_argmax_min_size"] = 256.into();
+    let (q, _) = quantize(&text, &opts.to_string()).unwrap();
+    assert_eq!(calls_to(&parse_module(&q).unwrap(), "fp8xla_argmax"), 1);
+    opts["sampler_argmax"] = false.into();
+    let (q, _) = quantize(&text, &opts.to_string()).unwrap();
+    assert_eq!(calls_to(&parse_module(&q).unwrap(), "fp8xla_argmax"), 0);
+}
+
+#[test]
 fn quantize_by_name_is_quantize() {
     let (module, options) = (data("gemma3.mlir"), data("gemma3.quantize.json"));
     assert_eq!(
@@ -112,4 +147,13 @@ fn options_of_the_passes_run_alone_are_checked() {
     assert!(e.found.contains("64k"), "{e}");
     let e = run_pass("decode_dots", &m, r#"{"decode_dots_min_bytes": 1}"#).unwrap_err();
     assert!(e.expected.contains("`min_bytes`"), "{e}");
+    let e = run_pass("sampler_argmax", &m, r#"{"min_size": -1}"#).unwrap_err();
+    assert_eq!(e.stage, "options");
+    assert_eq!(e.expected, "a non-negative integer for `min_size`");
+    let e = run_pass("sampler_argmax", &m, r#"{"min_bytes": 1}"#).unwrap_err();
+    assert!(
+        e.expected
+            .contains("`min_size` in the sampler_argmax options"),
+        "{e}"
+    );
 }

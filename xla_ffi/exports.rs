@@ -51,6 +51,7 @@ export_handlers! {
     fp8xla_take => handlers::take;
     fp8xla_update_slice => handlers::update_slice, in_place (0, 0);
     fp8xla_quantize_rows => handlers::quantize_rows;
+    fp8xla_argmax => handlers::argmax;
 }
 
 /// The custom-call targets this library exports, each name followed by a newline, as one

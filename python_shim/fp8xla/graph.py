@@ -42,14 +42,17 @@ def run_pass(name: str, text: str, options: dict) -> tuple[str, dict]:
     ``rewrite::PASSES``):
 
     - ``"quantize"``: FP8 weights (options ``{"weights": [...], ...}``, see
-      `quantize_exported`); runs the quantize passes, then ``update_slices_in_place`` and
-      ``decode_dots`` unless its options turn them off;
+      `quantize_exported`); runs the quantize passes, then ``update_slices_in_place``,
+      ``decode_dots`` and ``sampler_argmax`` unless its options turn them off;
     - ``"instrument"``: ``fp8xla_observe`` on every weight matmul's activation (see
       `instrument_exported`);
     - ``"update_slices_in_place"``: a ``dynamic_update_slice`` of a loop-carried value in a
       ``while`` body becomes the in-place ``fp8xla_update_slice`` (options ``{}``);
     - ``"decode_dots"``: float32 ``dot_general``s of at most 4 rows with a large operand
       become ``fp8xla_dot_f32`` (options ``{"min_bytes": 65536}``, optional);
+    - ``"sampler_argmax"``: ``jnp.argmax(x, axis=-1)`` over a last dim of at least 16384
+      (a greedy sampler's argmax over the vocabulary) becomes the multi-threaded
+      ``fp8xla_argmax`` (options ``{"min_size": 16384}``, optional);
     - ``"shard_calls"``: fp8xla calls on operands sharded over the module's mesh become
       ``sdy.manual_computation``s, one shard per device (options ``{"entry": "main"}``,
       optional; ``quantize`` runs it last unless ``"shard_calls": False``; see

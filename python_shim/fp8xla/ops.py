@@ -7,8 +7,9 @@ docs/custom-calls.md. Arguments are checked here, before lowering, so mistakes s
 run time.
 
 Under ``jax.vmap`` the elementwise ops (quantize, dequantize, qdq, observe) run as one call
-over the whole batch; the others (take, update_slice, fp8_matmul, dot_f32) run one call per
-example, because their handlers read operand dims by position. Each ``ffi_call`` says why.
+over the whole batch, and so does argmax (it reduces the last dim only); the others (take,
+update_slice, fp8_matmul, dot_f32) run one call per example, because their handlers read
+operand dims by position. Each ``ffi_call`` says why.
 """
 from __future__ import annotations
 
@@ -462,3 +463,21 @@ def dot_f32(lhs, rhs, dimension_numbers=None):
         lhs_batching_dims=np.array(lb, np.int64),
         rhs_batching_dims=np.array(rb, np.int64),
     )
+
+
+def argmax(x):
+    """``jnp.argmax(x, axis=-1)`` (int32 indices) by the multi-threaded ``fp8xla_argmax``
+    custom call: the first index of the largest value of each row, the first NaN of a row
+    that has one. This is what the rewrite makes of a greedy sampler's argmax over a
+    vocabulary (pass ``sampler_argmax``)."""
+    x = jnp.asarray(x)
+    _check_float("argmax", "x", x)
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"fp8xla.argmax: `x` must have a last dim of size >= 1, got shape "
+                         f"{x.shape}")
+    if x.shape[-1] - 1 > np.iinfo(np.int32).max:
+        raise ValueError(f"fp8xla.argmax: a last dim of {x.shape[-1]} does not fit int32 "
+                         "indices")
+    out = jax.ShapeDtypeStruct(x.shape[:-1], np.int32)
+    # The call reduces the last dim only: a batch dim put in front is one more leading dim.
+    return jax.ffi.ffi_call("fp8xla_argmax", out, vmap_method="broadcast_all")(x)

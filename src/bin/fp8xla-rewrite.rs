@@ -6,7 +6,8 @@
 //! ```
 //!
 //! PASS is one of `fp8xla::rewrite::PASSES` (`quantize`, `instrument`,
-//! `update_slices_in_place`, `decode_dots`); without OPTIONS.json the options are `{}`.
+//! `update_slices_in_place`, `decode_dots`, `sampler_argmax`, `shard_calls`); without
+//! OPTIONS.json the options are `{}`.
 //! Prints the rewritten module on stdout and the report (or sites table) on stderr, or into
 //! REPORT.json when given. Exit status 1 on a rewrite error (printed on stderr), 2 on bad usage.
 

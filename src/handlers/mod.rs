@@ -5,6 +5,7 @@
 //! The targets are exported, and listed, by `export_handlers!` in `xla_ffi/exports.rs`.
 
 mod act_quant;
+mod argmax;
 mod dot_f32;
 mod elementwise;
 mod matmul;
@@ -13,6 +14,7 @@ mod quantize_rows;
 mod take;
 mod update_slice;
 
+pub use argmax::argmax;
 pub use dot_f32::dot_f32;
 pub use elementwise::{dequantize, qdq, quantize};
 pub use matmul::matmul;

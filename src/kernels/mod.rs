@@ -22,6 +22,7 @@
 //! applied once at the end.
 
 pub(crate) mod amx;
+pub mod argmax;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -33,6 +34,7 @@ mod tests;
 mod wide;
 
 pub use amx::amx_support;
+pub use argmax::{argmax_last, argmax_last_with};
 
 use crate::cpu::Isa;
 use crate::fp8::{decode, Format};

@@ -13,6 +13,7 @@
 //! | `update_slices_in_place` | loop-carried `dynamic_update_slice` → `fp8xla_update_slice` ([`inplace`]) | `{}` |
 //! | `decode_dots` | decode-shaped float32 `dot_general` → `fp8xla_dot_f32` ([`decode_dot`]) | `{"min_bytes": 65536}` (optional) |
 //! | `fp8_kv_cache` | a decode loop's float32 KV caches carried as FP8 codes with per-row scales ([`kv_cache`]) | `{"format": "e4m3fn"}` |
+//! | `sampler_argmax` | `jnp.argmax` over a large last dim → `fp8xla_argmax` ([`sampler`]) | `{"min_size": 16384}` (optional) |
 //! | `shard_calls` | fp8xla calls on sharded operands → `sdy.manual_computation` ([`shard`]) | `{"entry": "main"}` (optional) |
 //!
 //! A run ([`pipeline`]) parses and verifies the module, then runs its passes in order, each a
@@ -20,8 +21,9 @@
 //! inconsistent is named in the error (stage `verify`, "…after pass `quantize_gathers`…").
 //! `quantize` follows the weights (the step `follow_weights`) and then runs
 //! `quantize_dots`, `fold_transposes`, `quantize_gathers`, `dequantize_other_uses`,
-//! `update_slices_in_place`, `decode_dots` and `shard_calls` ([`quantize`] says what each
-//! does). The run alone of `update_slices_in_place`, `decode_dots` or `shard_calls` reports
+//! `update_slices_in_place`, `decode_dots`, `sampler_argmax` and `shard_calls` ([`quantize`]
+//! says what each does). The run alone of `update_slices_in_place`, `decode_dots`,
+//! `sampler_argmax` or `shard_calls` reports
 //! `{"pass": name, "handled": [...]}` (entries as in `quantize`'s report).
 //!
 //! Options are JSON objects read with serde (`options.rs`): unknown keys are refused, and each
@@ -65,6 +67,8 @@
 //!   "decode_dots": true,
 //!   "decode_dots_min_bytes": 65536,
 //!   "kv_cache": "e4m3fn",
+//!   "sampler_argmax": true,
+//!   "sampler_argmax_min_size": 16384,
 //!   "entry": "main",
 //!   "args": [{"index": 5, "path": "decoder_block_0/attention/query/kernel"}]
 //! }
@@ -94,6 +98,10 @@
 //! - `kv_cache` (default `null`): the FP8 format (`"e4m3fn"` or `"e5m2"`) of the decode
 //!   loop's KV caches; the pass `fp8_kv_cache` then runs before `update_slices_in_place`
 //!   ([`kv_cache`]; caches it cannot keep FP8 are reported with kind `kv_cache_float`).
+//! - `sampler_argmax` (default `true`): whether the pass `sampler_argmax` runs after
+//!   `decode_dots` (the greedy sampler's `argmax` over the vocabulary becomes the
+//!   multi-threaded `fp8xla_argmax`, same results); `sampler_argmax_min_size` (default 16384):
+//!   the least size of the reduced (last) dim.
 //! - `shard_calls` (default `true`): whether the pass `shard_calls` runs last (fp8xla calls on
 //!   operands the module shards over a mesh run per shard; nothing happens without a mesh).
 //! - `entry` (default `"main"`), `args` (optional, the sidecar's `args` list: names in reports).
@@ -122,7 +130,10 @@
 //!   call_target_name = "fp8xla_update_slice", output_operand_aliases = [operand 0]}>`;
 //! - each decode-shaped float32 `dot_general` → `"stablehlo.custom_call"(same operands)
 //!   <{api_version = 4 : i32, backend_config = {lhs_batching_dims = …, lhs_contracting_dims =
-//!   …, rhs_batching_dims = …, rhs_contracting_dims = …}, call_target_name = "fp8xla_dot_f32"}>`.
+//!   …, rhs_batching_dims = …, rhs_contracting_dims = …}, call_target_name = "fp8xla_dot_f32"}>`;
+//! - each argmax reduce over a large last dim (`jnp.argmax(x, axis=-1)`, the sampler's) →
+//!   `"stablehlo.custom_call"(%x) <{api_version = 4 : i32, backend_config = {},
+//!   call_target_name = "fp8xla_argmax"}> : (tensor<…xf32>) -> tensor<…xi32>`.
 //!
 //! # Report (`quantize`)
 //!
@@ -135,11 +146,11 @@
 //!               "rhs_batching_dims", "output_transpose", "a_scale", "dropped_attributes"}],
 //!  "handled": [{"kind": "while" | "call" | "clone" | "transpose" | "transpose_folded" |
 //!               "gather" | "dequantize" | "update_slice_in_place" | "f32_dot_gemv" |
-//!               "shard", "arg",
+//!               "sampler_argmax" | "shard", "arg",
 //!               "function", "loc",
 //!               "detail" | "reason"}],
 //!  (in this order: folded transposes, gathers, the weights' flow through loops, calls and
-//!   transposes, dequantized uses, in-place updates, decode dots, sharded calls)
+//!   transposes, dequantized uses, in-place updates, decode dots, sampler argmaxes, sharded calls)
 //!  "skipped": [{"arg" | "site", "reason", …}]}
 //! ```
 //!
@@ -175,6 +186,7 @@ pub mod pipeline;
 pub mod print;
 pub mod quantize;
 mod registry;
+pub mod sampler;
 pub mod shard;
 pub mod verify;
 

@@ -259,6 +259,10 @@ pub(crate) struct QuantizeJson {
     #[serde(default)]
     pub decode_dots_min_bytes: Option<Index>,
     #[serde(default)]
+    pub sampler_argmax: Option<bool>,
+    #[serde(default)]
+    pub sampler_argmax_min_size: Option<Index>,
+    #[serde(default)]
     pub args: Option<Vec<ArgName>>,
     /// Whether the pass `shard_calls` runs last (default true; nothing to do unless the
     /// module has a mesh and sharded arguments).
@@ -295,6 +299,14 @@ pub(crate) struct DecodeDotsJson {
 #[serde(deny_unknown_fields)]
 pub(crate) struct KvCacheJson {
     pub format: FormatName,
+}
+
+/// The options of `sampler_argmax` run alone.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SamplerArgmaxJson {
+    #[serde(default)]
+    pub min_size: Option<Index>,
 }
 
 /// The options of `shard_calls` run alone.

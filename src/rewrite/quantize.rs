@@ -8,7 +8,8 @@
 //! - `quantize_gathers`: embedding gathers take FP8 rows ([`super::gather`]);
 //! - `dequantize_other_uses`: any other use gets `convert` + `multiply` by the scale;
 //! - with the option `kv_cache`, `fp8_kv_cache` ([`super::kv_cache`]);
-//! - then, unless turned off, `update_slices_in_place`, `decode_dots` and `shard_calls`,
+//! - then, unless turned off, `update_slices_in_place`, `decode_dots`, `sampler_argmax` and
+//!   `shard_calls`,
 //!
 //! verifying the module after each ([`super::pipeline`]).
 
@@ -27,6 +28,7 @@ use super::kv_cache::Fp8KvCache;
 use super::loc_json;
 use super::options::{self, arg_paths, opt_err, QuantizeJson, WeightSpec};
 use super::pipeline::{self, Context, Pass};
+use super::sampler::{self, SamplerArgmax};
 use super::shard::ShardCalls;
 use super::RewriteError;
 use crate::fp8::Format;
@@ -44,6 +46,8 @@ pub(crate) struct Options {
     update_slices_in_place: bool,
     /// `Some(least streamed bytes)` when decode-shaped float32 dots are rewritten.
     decode_dots: Option<usize>,
+    /// `Some(least reduced size)` when the sampler's argmax becomes `fp8xla_argmax`.
+    sampler_argmax: Option<usize>,
     paths: BTreeMap<usize, String>,
     /// Whether `shard_calls` runs last.
     shard_calls: bool,
@@ -83,6 +87,10 @@ impl Options {
                 json.decode_dots_min_bytes
                     .map_or(decode_dot::MIN_STREAMED_BYTES, |b| b.0),
             ),
+            sampler_argmax: json.sampler_argmax.unwrap_or(true).then_some(
+                json.sampler_argmax_min_size
+                    .map_or(sampler::MIN_SIZE, |n| n.0),
+            ),
             paths: arg_paths(&json.args),
             shard_calls: json.shard_calls.unwrap_or(true),
             kv_cache: json.kv_cache.map(|f| f.0),
@@ -117,6 +125,10 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
         .opts
         .decode_dots
         .map(|min_bytes| DecodeDots { min_bytes });
+    let sampler_argmax = weights
+        .opts
+        .sampler_argmax
+        .map(|min_size| SamplerArgmax { min_size });
     let mut passes: Vec<&dyn Pass<Weights>> = vec![
         &QuantizeDots,
         &FoldTransposes,
@@ -131,6 +143,9 @@ pub fn quantize(module_text: &str, options_json: &str) -> Result<(String, String
         passes.push(&UpdateSlicesInPlace);
     }
     if let Some(pass) = &decode_dots {
+        passes.push(pass);
+    }
+    if let Some(pass) = &sampler_argmax {
         passes.push(pass);
     }
     let shard = ShardCalls {

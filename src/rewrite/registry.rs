@@ -7,8 +7,11 @@ use super::decode_dot::{DecodeDots, MIN_STREAMED_BYTES};
 use super::inplace::UpdateSlicesInPlace;
 use super::ir::Pos;
 use super::kv_cache::Fp8KvCache;
-use super::options::{self, DecodeDotsJson, KvCacheJson, NoOptions, ShardCallsJson};
+use super::options::{
+    self, DecodeDotsJson, KvCacheJson, NoOptions, SamplerArgmaxJson, ShardCallsJson,
+};
 use super::pipeline::{self, Context, Pass};
+use super::sampler::{SamplerArgmax, MIN_SIZE};
 use super::shard::ShardCalls;
 use super::{instrument, quantize, RewriteError};
 
@@ -18,6 +21,7 @@ pub const PASSES: &[&str] = &[
     "instrument",
     "update_slices_in_place",
     "decode_dots",
+    "sampler_argmax",
     "shard_calls",
     "fp8_kv_cache",
 ];
@@ -44,6 +48,11 @@ pub fn run_pass(
         "fp8_kv_cache" => {
             let o: KvCacheJson = options::parse(options_json, "the fp8_kv_cache options")?;
             run_alone(module_text, &Fp8KvCache { format: o.format.0 })
+        }
+        "sampler_argmax" => {
+            let o: SamplerArgmaxJson = options::parse(options_json, "the sampler_argmax options")?;
+            let min_size = o.min_size.map_or(MIN_SIZE, |n| n.0);
+            run_alone(module_text, &SamplerArgmax { min_size })
         }
         "shard_calls" => {
             let o: ShardCallsJson = options::parse(options_json, "the shard_calls options")?;

@@ -287,6 +287,24 @@ def test_decode_attention_runs_on_the_gemv_kernels(rng, monkeypatch, min_bytes):
     np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
 
 
+def test_greedy_sampler_argmax_runs_on_the_custom_call(monkeypatch):
+    """The sampler's argmax over the vocabulary becomes fp8xla_argmax when the vocabulary is
+    large enough (the tiny model's 256 is not, so the threshold is set to it): one call in the
+    decode loop. The greedy tokens are those of the same FP8 graph without the rewrite and
+    those of stock Keras-Hub on the fake-quantized weights."""
+    _, _, plain, plain_hlo = _generate_with_options(
+        np.random.default_rng(7), monkeypatch, {"sampler_argmax": False})
+    assert "fp8xla_argmax" not in plain_hlo
+    monkeypatch.undo()
+    model, batch, got, hlo = _generate_with_options(
+        np.random.default_rng(7), monkeypatch, {"sampler_argmax_min_size": 256})
+    assert hlo.count('custom_call_target="fp8xla_argmax"') == 1
+    np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(plain["token_ids"]))
+    ref = fake_quantized_copy(model, model)
+    want = ref.generate(batch, max_length=12, stop_token_ids=None)
+    np.testing.assert_array_equal(np.asarray(got["token_ids"]), np.asarray(want["token_ids"]))
+
+
 def summary_totals(model):
     """(count, bytes) of each "Total params: N (X UNIT)" line of ``model.summary()``; bytes
     to the 2 decimals of UNIT that Keras prints, as (low, high)."""

@@ -68,8 +68,8 @@ def test_unknown_pass_names_the_known_ones(case):
     exp, _ = case
     with pytest.raises(graph.RewriteError,
                        match="expected one of the passes quantize, instrument, "
-                             "update_slices_in_place, decode_dots, shard_calls, fp8_kv_cache but "
-                             "found the "
+                             "update_slices_in_place, decode_dots, sampler_argmax, shard_calls, "
+                             "fp8_kv_cache but found the "
                              "unknown pass "
                              "\"decode_dot\""):
         graph.run_pass("decode_dot", graph.module_text(exp), {})
