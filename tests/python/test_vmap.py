@@ -118,6 +118,31 @@ def test_dot_f32(rng, in_axes):
     check_vmap_equals_loop(ops.dot_f32, args, in_axes)
 
 
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_argmax(rng, in_axis):
+    x = np.asarray(rng.standard_normal((B, 4, 37)), np.float32)
+    x[1, 2, 5] = np.nan
+    x[2, 0, [3, 9]] = 50.0  # a tie: the first index wins
+    x = np.moveaxis(x, 0, in_axis)
+    check_vmap_equals_loop(ops.argmax, (x,), (in_axis,))
+    want = np.argmax(np.moveaxis(x, in_axis, 0), axis=-1)  # numpy: first max, first NaN
+    np.testing.assert_array_equal(np.asarray(jax.vmap(ops.argmax, in_axes=in_axis)(x)), want)
+
+
+def test_quantize_rows(rng):
+    x = np.asarray(rng.standard_normal((B, 5, 24)) * 7, np.float32)
+    x[1, 3] = 0.0  # a zero row: scale 1
+    got_codes, got_scales = jax.jit(jax.vmap(ops.quantize_rows))(x)
+    for i in range(B):
+        codes, scales = jax.jit(ops.quantize_rows)(x[i])
+        np.testing.assert_array_equal(np.asarray(got_codes[i]).view(np.uint8),
+                                      np.asarray(codes).view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(got_scales[i]), np.asarray(scales))
+    amax = np.abs(x).max(axis=-1)
+    want_scales = np.where(amax > 0, amax / np.float32(448.0), np.float32(1.0))
+    np.testing.assert_allclose(np.asarray(got_scales), want_scales, rtol=1e-6)
+
+
 @pytest.mark.parametrize("op", ["quantize", "qdq", "dequantize", "take", "fp8_matmul"])
 def test_batched_scale_is_refused_naming_the_op(rng, op):
     scales = np.array([0.5, 1.0, 2.0], np.float32)
@@ -140,7 +165,7 @@ def test_batched_scale_is_refused_naming_the_op(rng, op):
 
 PACKAGE = os.path.dirname(fp8xla.__file__)
 TESTED = {"quantize", "dequantize", "qdq", "observe", "take", "update_slice", "fp8_matmul",
-          "dot_f32"}
+          "dot_f32", "argmax", "quantize_rows"}
 
 
 def ffi_calls(tree):
