@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--model", default="gemma3_270m")
     ap.add_argument("--tolerable-loss", type=float, default=0.005)
     ap.add_argument("--activations", action="store_true", help="static e4m3 activations too")
-    ap.add_argument("--configs", default="rtn,gptq", help="comma-separated: rtn, gptq")
+    ap.add_argument("--configs", default="rtn,gptq", help="comma-separated: rtn, gptq, gptq-act")
     ap.add_argument("--reuse", default=None, help="a benches/quality.py output directory")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -40,7 +40,9 @@ def main(argv=None):
 
     act = "fp8_e4m3" if args.activations else None
     kinds = {"rtn": StaticQuantConfig(activation_dtype=act),
-             "gptq": StaticQuantConfig(activation_dtype=act, rounding="gptq")}
+             "gptq": StaticQuantConfig(activation_dtype=act, rounding="gptq"),
+             "gptq-act": StaticQuantConfig(activation_dtype=act, rounding="gptq",
+                                           gptq_act_order=True)}
     config_set = [kinds[k] for k in args.configs.split(",")]
     scores = []
     float_ppl = None

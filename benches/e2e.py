@@ -394,6 +394,10 @@ def parse_args(argv):
     ap.add_argument("--new-tokens", type=int, help="decoded tokens (default 128; 8 with --quick)")
     ap.add_argument("--reps", type=int, help="timed repetitions per measurement (default 5; "
                                              "1 with --quick)")
+    ap.add_argument("--ppl-chunks", type=int,
+                    help="GPL-3 chunks scored for prefill and perplexity (default 14, the whole "
+                         "protocol; 2 with --quick); fewer make a long-context run shorter, "
+                         "and its perplexity then covers only those chunks")
     ap.add_argument("--out", default="bench-results", help="output directory "
                                                            "(default: bench-results)")
     ap.add_argument("--work", help="directory for presets and logs (default: OUT/work)")
@@ -415,6 +419,9 @@ def parse_args(argv):
                  f"choose from {', '.join(keys)}")
     # float32 runs first: the others are compared with it
     args.contenders = [c for c in e2e_contenders.CONTENDERS if c.key in chosen]
+    if args.ppl_chunks is not None and not 1 <= args.ppl_chunks <= Settings.ppl_chunks:
+        ap.error(f"--ppl-chunks must be between 1 and {Settings.ppl_chunks}, got "
+                 f"{args.ppl_chunks}")
     for name in ("reps", "prompt_tokens", "new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -446,7 +453,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     make = Settings.quick if args.quick else Settings
     settings = make(model=args.model, text_path=args.text)
-    for name in ("reps", "prompt_tokens", "new_tokens"):
+    for name in ("reps", "prompt_tokens", "new_tokens", "ppl_chunks"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     out = Path(args.out)

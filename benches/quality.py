@@ -35,6 +35,12 @@ SCHEMES = {
     "search": dict(activation_dtype=None, weight_scale="search"),
     "gptq": dict(activation_dtype=None, rounding="gptq"),
     "gptq-search": dict(activation_dtype=None, rounding="gptq", weight_scale="search"),
+    "gptq-act": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True),
+    "gptq-act-search": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
+                            weight_scale="search"),
+    "gptq-act-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq", gptq_act_order=True),
+    "gptq-act-dynamic": dict(activation_dtype="fp8_e4m3", rounding="gptq",
+                             gptq_act_order=True, _dynamic=True),
     "rtn-wa": dict(activation_dtype="fp8_e4m3"),
     "gptq-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq"),
     "gptq-e5m2": dict(weight_dtype="fp8_e5m2", activation_dtype=None, rounding="gptq"),
@@ -62,14 +68,20 @@ def calibration_passages(chars=1500, count=None, stride=750):
     return out
 
 
-def calibration_function(passages, max_length=256, batch=4):
-    """Prefill-only generate calls: each passage fills the window, nothing is decoded."""
+def calibration_function(passages, max_length=256, batch=4, decode_chars=700):
+    """Generate calls on the passages: each fills the window, so these only prefill. Then one
+    batch of the passages' first ``decode_chars`` characters (about 160 tokens), which
+    generate continues: the matmuls that only the decode loop runs (the tied logits and most
+    of the last block: the prefill needs only the caches) are observed too, so static
+    calibration gives them activation scales instead of leaving them float."""
 
     def calib(model):
         for i in range(0, len(passages), batch):
             print(f"[quality] calibration {min(i + batch, len(passages))}/{len(passages)}",
                   flush=True)
             model.generate(passages[i:i + batch], max_length=max_length)
+        print("[quality] calibration: one batch that decodes", flush=True)
+        model.generate([p[:decode_chars] for p in passages[:batch]], max_length=max_length)
 
     return calib
 

@@ -92,7 +92,7 @@ def quantize(args) -> int:
     kind = fk.DynamicQuantConfig if args.dynamic else fk.StaticQuantConfig
     config = kind(weight_dtype=args.dtype,
                   activation_dtype=None if args.weight_only else args.dtype,
-                  rounding=args.rounding)
+                  rounding=args.rounding, gptq_act_order=args.act_order)
     model = models.load_model(args.model, progress=True)
 
     def calib_function(m):
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     q.add_argument("--weight-only", action="store_true", help="keep activations float32")
     q.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
                    help="round to nearest, or GPTQ on the FP8 grid (docs/quality.md)")
+    q.add_argument("--act-order", action="store_true",
+                   help="with --rounding gptq: round the inputs by decreasing energy")
     q.add_argument("--dynamic", action="store_true",
                    help="activation scales per token at run time (DynamicQuantConfig)")
     q.set_defaults(func=quantize)
@@ -248,6 +250,8 @@ def main(argv=None) -> int:
                         "bandwidth); run from the checkout, see "
                         "fp8xla bench --help; --repo PATH names the checkout")
     args = p.parse_args(argv)
+    if args.cmd == "quantize" and args.act_order and args.rounding != "gptq":
+        q.error("--act-order orders GPTQ's rounding: it needs --rounding gptq")
     return args.func(args)
 
 

@@ -36,6 +36,8 @@ class QuantConfig:
         the tied embedding's from the final hidden states, the same codes serve the lookup).
     gptq_damp, gptq_embedding_damp: GPTQ's damping (fraction of the Gram matrix's mean
         diagonal) for the linear layers and for the embedding.
+    gptq_act_order: GPTQ rounds the inputs in order of decreasing energy (GPTQ's
+        "act-order", INC's ``act_order``); the codes keep the weight's layout.
     float_weights: paths of weights kept in float (what ``autotune`` falls back to).
     kv_cache_dtype: ``"fp8_e4m3"`` or ``"fp8_e5m2"``: the decode loop's KV cache is stored
         in FP8, one scale per position and head computed when the row is written, and the
@@ -53,6 +55,7 @@ class QuantConfig:
     rounding: str = "rtn"
     gptq_damp: float = 0.01
     gptq_embedding_damp: float = 0.1
+    gptq_act_order: bool = False
     float_weights: tuple = ()
     kv_cache_dtype: str | None = None
 
@@ -84,6 +87,12 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"{kind}: {name} must be a finite number > 0, got {v!r}")
+        if not isinstance(self.gptq_act_order, bool):
+            raise TypeError(f"{kind}: gptq_act_order must be True or False, got "
+                            f"{self.gptq_act_order!r}")
+        if self.gptq_act_order and self.rounding != "gptq":
+            raise ValueError(f"{kind}: gptq_act_order=True orders GPTQ's rounding; it needs "
+                             f"rounding='gptq', got rounding={self.rounding!r}")
         if self.white_list is not None:
             items = (self.white_list,) if isinstance(self.white_list, (str, type)) else \
                 tuple(self.white_list)

@@ -13,7 +13,10 @@ front end share it.
   are rounded one at a time to the nearest FP8 value and each row's error is fed back into the
   rows not yet rounded through the Cholesky factor of ``H⁻¹`` (damped), so that ``X @ W``
   rather than ``W`` is kept close. Columns (outputs) are independent, so they are processed in
-  chunks that fit in cache.
+  chunks that fit in cache. With ``act_order`` the rows are rounded in order of decreasing
+  input energy (the Gram matrix's diagonal), as GPTQ's "act-order": the high-energy inputs
+  (Gemma's outlier channels) are rounded first, while every other row can still absorb
+  their error. The scales are per output column, so the order changes no scale.
 
 Codes are returned as ml_dtypes FP8 arrays; ``codes.astype(f32) * scale`` is the weight.
 """
@@ -131,15 +134,17 @@ def search_scales(w, fmt, channel_dim=None, chunk_elements=1 << 22):
     return float(best[0]) if channel_dim is None else best
 
 
-def gptq(w, gram, fmt, scale, *, damp=0.01, block=128, chunk_columns=4096, progress=None):
+def gptq(w, gram, fmt, scale, *, damp=0.01, act_order=False, block=128, chunk_columns=4096,
+         progress=None):
     """FP8 codes of ``w`` ``[K, N]`` (K inputs, N outputs) by GPTQ with Gram matrix ``gram``
     ``[K, K]`` (``XᵀX`` of the calibration inputs) and per-column scales ``scale`` (a float,
     or ``[N]``).
 
     ``damp`` is added to the diagonal as a fraction of its mean, after inputs that never
     fired (zero diagonal: "dead" inputs, which make ``XᵀX`` singular) get a diagonal of 1:
-    their rows are rounded to nearest and take no feedback. ``progress(done, total)`` is
-    called after each chunk of columns."""
+    their rows are rounded to nearest and take no feedback. ``act_order`` rounds the rows in
+    order of decreasing diagonal of the Gram matrix (ties keep their order); the codes come
+    back in ``w``'s order. ``progress(done, total)`` is called after each chunk of columns."""
     w = np.asarray(w, np.float32)
     if w.ndim != 2:
         raise ValueError(f"fp8xla.weight_rounding.gptq: w must be [K, N], got shape {w.shape}")
@@ -162,6 +167,8 @@ def gptq(w, gram, fmt, scale, *, damp=0.01, block=128, chunk_columns=4096, progr
     h[:, dead] = 0
     h[dead, dead] = 1
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h, w = h[np.ix_(order, order)], w[order]
     # U upper-triangular with UᵀU = H⁻¹; row i of U holds the feedback weights of row i.
     hinv = _cholesky_inverse_upper(h).astype(np.float32)
     codes = np.empty((k, n), _dtype(fmt))
@@ -170,7 +177,9 @@ def gptq(w, gram, fmt, scale, *, damp=0.01, block=128, chunk_columns=4096, progr
         codes[:, c0:c1] = _gptq_columns(w[:, c0:c1].copy(), hinv, scale[c0:c1], fmt, block)
         if progress is not None:
             progress(c1, n)
-    return codes
+    out = np.empty_like(codes)
+    out[order] = codes  # back to w's row order
+    return out
 
 
 def _cholesky_inverse_upper(h):

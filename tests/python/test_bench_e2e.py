@@ -161,6 +161,14 @@ def test_unknown_contender_and_order():
     assert [c.key for c in args.contenders] == ["float32", "keras-int8"]  # float32 first
 
 
+def test_ppl_chunks_option_is_bounded_by_the_protocol():
+    assert e2e.parse_args(["--ppl-chunks", "2"]).ppl_chunks == 2
+    assert e2e.parse_args([]).ppl_chunks is None  # the whole protocol
+    for bad in ("0", str(e2e.Settings.ppl_chunks + 1)):
+        with pytest.raises(SystemExit):
+            e2e.parse_args(["--ppl-chunks", bad])
+
+
 def test_cli_finds_the_benchmark_in_the_checkout(tmp_path, monkeypatch, capsys):
     from fp8xla import cli
 

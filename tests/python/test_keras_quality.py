@@ -35,9 +35,10 @@ def test_gptq_lowers_the_logit_error_and_keeps_the_runtime_format(rng):
     x = prompts(np.random.default_rng(5), 8, length=12, filled=12)
     want = float_logits(tiny_gemma3(), x)
     errors = {}
-    for rounding in ("rtn", "gptq"):
+    for rounding in ("rtn", "gptq", "gptq-act"):
         model = tiny_gemma3()
-        config = StaticQuantConfig(activation_dtype=None, rounding=rounding)
+        config = StaticQuantConfig(activation_dtype=None, rounding=rounding.split("-")[0],
+                                   gptq_act_order=rounding == "gptq-act")
         quantize_model(model, config, calib(np.random.default_rng(1)))
         emb = [q for q in model.fp8.weights.values() if "embedding" in q.path]
         assert len(emb) == 1 and emb[0].channel_dim == 0  # one scale per embedding row
@@ -49,6 +50,15 @@ def test_gptq_lowers_the_logit_error_and_keeps_the_runtime_format(rng):
         fake = fake_quantized_copy(model, model)
         np.testing.assert_allclose(got, float_logits(fake, x), rtol=1e-4, atol=1e-4)
     assert errors["gptq"] < errors["rtn"], errors
+    assert errors["gptq-act"] < errors["rtn"], errors
+
+
+def test_act_order_needs_gptq_and_a_bool():
+    with pytest.raises(ValueError, match="gptq_act_order=True orders GPTQ's rounding; it "
+                                         "needs rounding='gptq', got rounding='rtn'"):
+        StaticQuantConfig(gptq_act_order=True)
+    with pytest.raises(TypeError, match="gptq_act_order must be True or False, got 1"):
+        StaticQuantConfig(rounding="gptq", gptq_act_order=1)
 
 
 def test_search_scales_never_raise_the_weight_error():
@@ -173,3 +183,13 @@ def test_autotune_takes_the_first_config_that_meets_and_errors_when_none_does():
     np.testing.assert_allclose(float_logits(model, x), float_logits(tiny_gemma3(), x))
     with pytest.raises(ValueError, match="TuningConfig: config_set is empty"):
         TuningConfig(config_set=[])
+
+
+def test_cli_act_order_needs_gptq(capsys):
+    from fp8xla import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "-q", "unused", "--act-order"])
+    assert e.value.code == 2
+    assert "--act-order orders GPTQ's rounding: it needs --rounding gptq" in \
+        capsys.readouterr().err

@@ -98,6 +98,36 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs(fmt, k, n, rng):
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
 
 
+def test_gptq_act_order_rounds_by_energy_and_keeps_the_layout(rng):
+    k, n = 48, 20
+    w = (rng.normal(size=(k, n)) * 0.1).astype(np.float32)
+    energy = np.linspace(0.2, 3.0, k)  # distinct energies, in increasing order
+    mix = mixing(rng, k)
+    x_cal = correlated_inputs(rng, 6 * k, k, mix) * energy.astype(np.float32)
+    x_test = correlated_inputs(np.random.default_rng(7), 2000, k, mix) * energy.astype(
+        np.float32)
+    gram = x_cal.astype(np.float64).T @ x_cal
+    scale = amax_scale(w, 0, "e4m3fn")[0]
+    codes = wr.gptq(w, gram, "e4m3fn", scale, act_order=True, block=8)
+    vals = codes.astype(np.float32)
+    assert np.array_equal(vals.astype(DTYPES["e4m3fn"]).astype(np.float32), vals)
+    # act-order is plain GPTQ on the rows sorted by decreasing energy, unpermuted afterwards
+    order = np.argsort(-np.diag(gram), kind="stable")
+    assert not np.array_equal(order, np.arange(k))
+    sorted_codes = wr.gptq(w[order], gram[np.ix_(order, order)], "e4m3fn", scale, block=8)
+    assert np.mean(sorted_codes.astype(np.float32) == vals[order]) > 0.99
+    # the permuted problem gives the permuted answer
+    p = rng.permutation(k)
+    permuted = wr.gptq(w[p], gram[np.ix_(p, p)], "e4m3fn", scale, act_order=True, block=8)
+    assert np.mean(permuted.astype(np.float32) == vals[p]) > 0.99
+    # and it still beats round to nearest on held-out inputs
+    x64 = x_test.astype(np.float64)
+    ref = x64 @ w.astype(np.float64)
+    rtn = quantize(w / scale, 1.0, "e4m3fn").astype(np.float64) * scale
+    err_act = np.square(ref - x64 @ (vals.astype(np.float64) * scale)).sum()
+    assert err_act < 0.8 * np.square(ref - x64 @ rtn).sum()
+
+
 def test_gptq_lazy_blocks_match_one_row_blocks(rng):
     w = (rng.normal(size=(70, 30)) * 0.1).astype(np.float32)
     x = correlated_inputs(rng, 300, 70)

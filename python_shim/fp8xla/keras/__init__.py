@@ -164,7 +164,7 @@ def _quantize(model, config, calib_function, cache):
                       "loop)")
     # codes depend on how weights are rounded, not on activations or fallbacks
     codes_key = (config.w_format, config.granularity, config.weight_scale, config.rounding,
-                 config.gptq_damp, config.gptq_embedding_damp)
+                 config.gptq_damp, config.gptq_embedding_damp, config.gptq_act_order)
     known = cache.setdefault(codes_key, {})
     qweights = {}
     todo = [i for i in candidates if i in dims]  # others: not used by a matmul of the step
@@ -359,7 +359,8 @@ def _quantize_weight(w, config, channel_dim, site, is_embedding, name):
             _progress(f"GPTQ {name} {tuple(w.shape)}: {done}/{total} columns, "
                       f"{now - start:.0f} s")
 
-    codes_m = weight_rounding.gptq(wm, site.gram, fmt, sm[0], damp=damp, progress=progress)
+    codes_m = weight_rounding.gptq(wm, site.gram, fmt, sm[0], damp=damp,
+                                   act_order=config.gptq_act_order, progress=progress)
     return weight_rounding.from_kernel_matrix(codes_m, w.shape, site.contract), scale
 
 
