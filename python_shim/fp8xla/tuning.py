@@ -12,7 +12,10 @@ build and score a candidate and how sensitive each weight is:
    that meets the tolerance wins;
 2. if none does, the best-scoring one with the most sensitive weights kept in float: the 1,
    2, 4, 8, ... most sensitive (fewest fallbacks first; at most all but one) until the
-   tolerance is met or the trials run out;
+   tolerance is met or the trials run out; then, between the last count that failed and the
+   first that met, bisection finds the fewest that meet (doubling alone may overshoot by
+   almost half of the fallbacks, and the later ones can be large: on Gemma 3 270M the tied
+   embedding, 60 % of the weights' bytes, came 63rd);
 3. if nothing met it, :class:`TuningError` says what was tried and the best score seen.
 """
 from __future__ import annotations
@@ -144,10 +147,20 @@ def tune(
         ranked = list(sensitivity(best))
         # at least one weight stays FP8: all of them in float is not a quantized model
         most = len(ranked) - 1
-        n = 1
+        n, failed = 1, 0
         while n <= most and len(result.trials) < tune_config.max_trials:
             if run(best, tuple(ranked[:n])).meets:
+                # the fewest fallbacks in (failed, n] that meet: run() keeps the last one that
+                # met as result.best, and each one that meets has fewer than the one before
+                met = n
+                while met - failed > 1 and len(result.trials) < tune_config.max_trials:
+                    mid = (failed + met) // 2
+                    if run(best, tuple(ranked[:mid])).meets:
+                        met = mid
+                    else:
+                        failed = mid
                 return result
+            failed = n
             if n == most:
                 break
             n = min(2 * n, most)

@@ -152,8 +152,14 @@ def test_autotune_falls_back_the_most_sensitive_weights(rng, capsys):
     result = model.fp8.tuning
     assert result.best is not None and result.best.meets and result.best.float_weights
     assert result.trials[0].float_weights == ()  # the config alone was tried first
-    assert [len(t.float_weights) for t in result.trials[1:]] == [
-        min(2 ** n, 2 * 7) for n in range(len(result.trials) - 1)]
+    counts = [len(t.float_weights) for t in result.trials[1:]]
+    # doubling until one meets, then bisection down to the fewest that meet
+    first_met = next(i for i, t in enumerate(result.trials[1:]) if t.meets)
+    assert counts[:first_met + 1] == [min(2 ** n, 2 * 7) for n in range(first_met + 1)]
+    best = len(result.best.float_weights)
+    assert best == min(c for c, t in zip(counts, result.trials[1:]) if t.meets)
+    assert best == 1 or any(c == best - 1 and not t.meets
+                            for c, t in zip(counts, result.trials[1:]))
     # the model holds the chosen candidate: its score, those weights in float
     assert 1 - eval_fn(model) <= loss / 3
     kept = {q.path for q in model.fp8.weights.values()}
@@ -162,6 +168,26 @@ def test_autotune_falls_back_the_most_sensitive_weights(rng, capsys):
     assert "kept in float: " + result.best.float_weights[0] in out
     print_model(model)
     assert "kept in float" in capsys.readouterr().out
+
+
+def test_tune_bisects_to_the_fewest_fallbacks_that_meet():
+    from fp8xla import tuning
+
+    names = [f"w{i}" for i in range(100)]
+    # a candidate meets the 1 % tolerance with at least 37 of the most sensitive in float
+    evaluate = lambda config, fallback: 1.0 - (0.0 if len(fallback) >= 37 else 0.02)  # noqa
+    log = []
+    result = tuning.tune(1.0, tuning.TuningConfig(config_set=["c"], tolerable_loss=0.01),
+                         evaluate, lambda config: names, lambda fb: 10 * len(fb), 1000,
+                         log=log.append)
+    assert [len(t.float_weights) for t in result.trials] == [0, 1, 2, 4, 8, 16, 32, 64, 48,
+                                                             40, 36, 38, 37]
+    assert result.best.float_weights == tuple(names[:37]) and result.best.float_bytes == 370
+    # a trial budget that ends the bisection keeps the fewest that met so far
+    result = tuning.tune(1.0, tuning.TuningConfig(config_set=["c"], tolerable_loss=0.01,
+                                                  max_trials=10), evaluate,
+                         lambda config: names, lambda fb: 10 * len(fb), 1000, log=log.append)
+    assert len(result.trials) == 10 and len(result.best.float_weights) == 40
 
 
 def test_autotune_takes_the_first_config_that_meets_and_errors_when_none_does():
