@@ -110,11 +110,12 @@ def worker(a) -> dict:
         timed(full)
         diffs = [timed(decode) - timed(full) for _ in range(a.reps)]
     # A difference at or below zero means the decode steps took less than the timer's noise
-    # (tiny models): no rate is reported rather than an absurd one.
-    rates = [a.steps / d for d in diffs if d > 0]
+    # (tiny models): no rate is reported rather than an absurd one, or a median of the
+    # repetitions that happened to come out positive.
+    rate = statistics.median(a.steps / d for d in diffs) if min(diffs) > 0 else None
     return {"size": a.size, "dtype": a.dtype, "devices_per_process": len(jax.local_devices()),
             "processes": jax.process_count(), "process_id": jax.process_index(),
-            "decode_tokens_per_s": statistics.median(rates) if rates else None,
+            "decode_tokens_per_s": rate,
             "seconds_decode_minus_full": diffs,
             "peak_rss_bytes": peak_rss()}
 
