@@ -167,8 +167,9 @@ def gptq(w, gram, fmt, scale, *, damp=0.01, act_order=False, block=128, chunk_co
     h[:, dead] = 0
     h[dead, dead] = 1
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h, w = h[np.ix_(order, order)], w[order]
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else None
+    if order is not None:
+        h, w = h[np.ix_(order, order)], w[order]
     # U upper-triangular with UᵀU = H⁻¹; row i of U holds the feedback weights of row i.
     hinv = _cholesky_inverse_upper(h).astype(np.float32)
     codes = np.empty((k, n), _dtype(fmt))
@@ -177,6 +178,8 @@ def gptq(w, gram, fmt, scale, *, damp=0.01, act_order=False, block=128, chunk_co
         codes[:, c0:c1] = _gptq_columns(w[:, c0:c1].copy(), hinv, scale[c0:c1], fmt, block)
         if progress is not None:
             progress(c1, n)
+    if order is None:
+        return codes
     out = np.empty_like(codes)
     out[order] = codes  # back to w's row order
     return out
