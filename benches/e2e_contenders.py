@@ -95,21 +95,22 @@ BY_KEY = {c.key: c for c in CONTENDERS}
 
 def calibration_function(max_length: int, prompts=None):
     """Generates on fp8xla's calibration prompts (the CLI's), as INC's Gemma3 example does."""
-    from fp8xla.cli import CALIBRATION_PROMPTS
+    from fp8xla.calibration import CALIBRATION_PROMPTS, prompt_calibration
 
-    prompts = CALIBRATION_PROMPTS if prompts is None else prompts
-
-    def calib(model):
-        for p in prompts:
-            model.generate(p, max_length=max_length)
-
-    return calib
+    return prompt_calibration(CALIBRATION_PROMPTS if prompts is None else prompts, max_length)
 
 
-def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int) -> dict:
+def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int,
+            gptq_text_tokens: int = 512) -> dict:
     """Quantizes the float32 ``model`` as ``contender`` says and saves it to ``preset_dir``.
-    Returns notes for the results (what was done, how long quantizing took)."""
+    Returns notes for the results (what was done, how long quantizing took).
+
+    GPTQ contenders calibrate as ``fp8xla quantize --rounding gptq`` does: on the float
+    model's own continuations of the prompts, ``gptq_text_tokens`` tokens each (the time to
+    write them counts as quantizing time)."""
     import time
+
+    from fp8xla import calibration
 
     calib = calibration_function(calib_max_length)
     t0 = time.perf_counter()
@@ -119,9 +120,13 @@ def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int)
         settings = dict(contender.config)
         kind = DynamicQuantConfig if settings.pop("dynamic", False) else StaticQuantConfig
         config = kind(**settings)
-        needs_calib = (config.activation_dtype and not config.dynamic) or \
-            config.rounding == "gptq"
-        model = quantize_model(model, config, calib if needs_calib else None)
+        if config.rounding == "gptq":
+            calib = calibration.corpus_calibration(
+                model, length=gptq_text_tokens, window=gptq_text_tokens * 7 // 8,
+                decode_length=calib_max_length)
+        elif not config.activation_dtype or config.dynamic:
+            calib = None
+        model = quantize_model(model, config, calib)
     elif contender.kind == "keras-int8":
         model.quantize("int8")
     elif contender.kind == "inc":

@@ -1,7 +1,7 @@
 """GPL-3 perplexity change from the FP8 KV cache (``kv_cache_dtype``).
 
     .venv/bin/python benches/kv_cache_quality.py --out kv-quality [--weights float32,rtn]
-        [--kv none,fp8_e4m3,fp8_e5m2]
+        [--kv none,fp8_e4m3,fp8_e5m2,fp8_e4m3:v,fp8_e4m3+hk,fp8_e4m3+mk]
 
 The GPL-3 protocol (:mod:`fp8xla.perplexity`) scores the model's forward pass, which has no KV
 cache. The FP8 cache's effect is measured there with the same quantization the cache applies:
@@ -23,9 +23,12 @@ import json
 import os
 import time
 
+import sys
+
 import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def qdq_rows(x, fmt):
@@ -42,17 +45,93 @@ def qdq_rows(x, fmt):
     return jnp.clip(x / s, -m, m).astype(dtype).astype(x.dtype) * s
 
 
-def quantize_attention_reads(model, fmt):
-    """Makes every attention layer of ``model`` read QDQ'd keys and values."""
-    for block in model.backbone.transformer_layers:
+def hadamard(n):
+    """The orthonormal ``n x n`` Walsh-Hadamard matrix (``n`` a power of two); symmetric, so
+    it is its own inverse."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard: {n} is not a power of two")
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def key_means(model, passages, max_tokens=256):
+    """``[block] -> [kv_heads, head_dim]``: the mean key (after RoPE, as the cache holds it)
+    of every attention layer over the calibration ``passages`` (eager forward passes)."""
+    from fp8xla.perplexity import _tokenizer_of
+
+    tokenizer = _tokenizer_of(model)
+    bos = int(tokenizer.start_token_id)
+    blocks = model.backbone.transformer_layers
+    sums, count = [0.0] * len(blocks), 0
+    plains = [b.attention._compute_attention for b in blocks]
+
+    def recorder(i, plain):
+        def compute(q, k, v, attention_mask, *args, **kwargs):
+            sums[i] = sums[i] + np.asarray(k, np.float64).sum(axis=(0, 1))
+            return plain(q, k, v, attention_mask, *args, **kwargs)
+        return compute
+
+    for i, (b, plain) in enumerate(zip(blocks, plains)):
+        b.attention._compute_attention = recorder(i, plain)
+    try:
+        for text in passages:
+            ids = np.asarray([[bos] + list(np.asarray(tokenizer(text)))[:max_tokens - 1]],
+                             np.int32)
+            model.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+            count += ids.shape[1]
+    finally:
+        for b, plain in zip(blocks, plains):
+            b.attention._compute_attention = plain
+    return [(s / count).astype(np.float32) for s in sums]
+
+
+def quantize_attention_reads(model, fmt, parts="kv", rotate_keys=False, key_mean=None):
+    """Makes every attention layer of ``model`` read QDQ'd keys and/or values (``parts``).
+
+    ``rotate_keys``: each key row is multiplied by the orthonormal Hadamard matrix ``H``
+    before it is quantized, and back after (a cache would store ``k H`` and read it with
+    queries ``q H``: ``(q H)·(k H) = q·k``). Keys have a few large channels; rotated, every
+    channel carries a share of them, so the relative FP8 error of each value no longer lands
+    on the channels that dominate ``q·k``.
+
+    ``key_mean`` (from :func:`key_means`): each key row is quantized as ``k - mean`` (its
+    layer's mean key) and read back plus the mean. A cache could store ``k - mean`` and never
+    add it back: ``q·(k - mean)`` differs from ``q·k`` by the same amount at every position,
+    which the softmax cancels; what is quantized is then the part of the key that varies."""
+    for n, block in enumerate(model.backbone.transformer_layers):
         att = block.attention
         plain = att._compute_attention
+        h = hadamard(att.head_dim) if rotate_keys else None
+        mean = None if key_mean is None else key_mean[n]
 
-        def compute(q, k, v, attention_mask, *args, _plain=plain, **kwargs):
-            return _plain(q, qdq_rows(k, fmt), qdq_rows(v, fmt), attention_mask, *args,
-                          **kwargs)
+        def compute(q, k, v, attention_mask, *args, _plain=plain, _h=h, _m=mean, **kwargs):
+            if "k" in parts:
+                if _m is not None:
+                    k = qdq_rows(k - _m, fmt) + _m
+                else:
+                    k = qdq_rows(k, fmt) if _h is None else qdq_rows(k @ _h, fmt) @ _h
+            if "v" in parts:
+                v = qdq_rows(v, fmt)
+            return _plain(q, k, v, attention_mask, *args, **kwargs)
 
         att._compute_attention = compute
+
+
+def parse_kv(spec):
+    """``(format, parts, key transform)`` of a ``--kv`` entry: ``fp8_e4m3`` (keys and values),
+    with ``:k`` / ``:v`` (only those), and ``+hk`` (keys rotated) or ``+mk`` (keys centred on
+    their calibration mean; see :func:`quantize_attention_reads`): ``fp8_e4m3:k+mk``."""
+    fmt, _, rest = spec.partition(":") if ":" in spec else spec.partition("+")
+    if ":" in spec:
+        parts, _, transform = rest.partition("+")
+    else:
+        parts, transform = "", rest
+    if fmt not in ("fp8_e4m3", "fp8_e5m2") or parts not in ("", "k", "v") or \
+            transform not in ("", "hk", "mk") or (spec.endswith("+")):
+        raise SystemExit(f"unknown --kv entry {spec!r}")
+    return fmt, parts or "kv", transform or None
 
 
 def main(argv=None):
@@ -63,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--kv", default="none,fp8_e4m3,fp8_e5m2")
     ap.add_argument("--chunks", type=int, default=None,
                     help="score only this many GPL-3 chunks (default: the protocol's 14)")
+    ap.add_argument("--mean-passages", type=int, default=24,
+                    help="calibration passages (benches/quality.py's) for +mk's key means")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -79,7 +160,13 @@ def main(argv=None):
                 continue
             model = models.load_model(args.model)
             if kv != "none":
-                quantize_attention_reads(model, kv)
+                fmt, parts, transform = parse_kv(kv)
+                mean = None
+                if transform == "mk":
+                    from quality import calibration_passages
+                    mean = key_means(model, calibration_passages(count=args.mean_passages))
+                quantize_attention_reads(model, fmt, parts, rotate_keys=transform == "hk",
+                                         key_mean=mean)
             if weights == "rtn":
                 quantize_model(model, StaticQuantConfig(activation_dtype=None))
             elif weights != "float32":

@@ -38,6 +38,10 @@ SCHEMES = {
     "gptq-act": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True),
     "gptq-act-search": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
                             weight_scale="search"),
+    "gptq-act-edamp0.3": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
+                              gptq_embedding_damp=0.3),
+    "gptq-act-edamp0.03": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
+                               gptq_embedding_damp=0.03),
     "gptq-act-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq", gptq_act_order=True),
     "gptq-act-dynamic": dict(activation_dtype="fp8_e4m3", rounding="gptq",
                              gptq_act_order=True, _dynamic=True),
@@ -95,6 +99,9 @@ def main(argv=None):
                     help="calibrate on this many 256-token passages (default: all)")
     ap.add_argument("--calib-stride", type=int, default=750,
                     help="characters between passage starts (1500: no overlap, as before)")
+    ap.add_argument("--calibration", choices=["licences", "model-written"], default="licences",
+                    help="model-written: fp8xla.calibration.corpus_calibration, what "
+                         "`fp8xla quantize --rounding gptq` calibrates on")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -134,10 +141,18 @@ def main(argv=None):
         return grams
 
     _gram.collect_grams = cached_collect
-    passages = calibration_passages(count=args.calib_passages, stride=args.calib_stride)
-    calib = calibration_function(passages)
-    results["calibration_passages"] = len(passages)
-    results["calibration_stride"] = args.calib_stride
+    if args.calibration == "model-written":
+        from fp8xla import calibration
+
+        t0 = time.perf_counter()
+        calib = calibration.corpus_calibration(models.load_model(args.model))
+        results["calibration"] = "model-written"
+        results["calibration_texts_seconds"] = time.perf_counter() - t0
+    else:
+        passages = calibration_passages(count=args.calib_passages, stride=args.calib_stride)
+        calib = calibration_function(passages)
+        results["calibration_passages"] = len(passages)
+        results["calibration_stride"] = args.calib_stride
     # what quantize_model computes once per float model and calibration, shared by schemes
     cache = {}
     codes_path = os.path.join(args.out, "codes.pkl")

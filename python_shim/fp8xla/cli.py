@@ -14,17 +14,8 @@ import os
 import sys
 import time
 
-#: Calibration prompts of the demo (short, varied; generate runs on each).
-CALIBRATION_PROMPTS = [
-    "The capital of France is",
-    "Describe the city of Berlin?",
-    "Photosynthesis is the process by which",
-    "def fibonacci(n):",
-    "The history of the Roman Empire",
-    "Water boils at a temperature of",
-    "In mathematics, a prime number is",
-    "The best way to learn a new language is",
-]
+from . import calibration
+from .calibration import CALIBRATION_PROMPTS  # noqa: F401 (the CLI's prompts, importable here)
 
 
 def _progress(msg):
@@ -57,11 +48,7 @@ def demo(args) -> int:
     before, tps_before, _ = _timed_generate(model, args.prompt, args.max_length)
     config = fk.StaticQuantConfig(weight_dtype=args.dtype, activation_dtype=args.dtype)
 
-    def calib_function(m):
-        for i, p in enumerate(CALIBRATION_PROMPTS):
-            _progress(f"calibration prompt {i + 1}/{len(CALIBRATION_PROMPTS)}")
-            m.generate(p, max_length=32)
-
+    calib_function = calibration.prompt_calibration(progress=_progress)
     _progress("calibrating and quantizing to FP8")
     t0 = time.perf_counter()
     fk.quantize_model(model, config, calib_function)
@@ -95,14 +82,13 @@ def quantize(args) -> int:
                   rounding=args.rounding, gptq_act_order=args.act_order)
     model = models.load_model(args.model, progress=True)
 
-    def calib_function(m):
-        for i, p in enumerate(CALIBRATION_PROMPTS):
-            _progress(f"calibration prompt {i + 1}/{len(CALIBRATION_PROMPTS)}")
-            m.generate(p, max_length=32)
-
+    calib_function = None
+    if config.rounding == "gptq":  # GPTQ needs more tokens than a weight has inputs
+        calib_function = calibration.corpus_calibration(model, progress=_progress)
+    elif config.activation_dtype and not config.dynamic:
+        calib_function = calibration.prompt_calibration(progress=_progress)
     _progress("quantizing")
-    needs_calib = (config.activation_dtype and not config.dynamic) or config.rounding == "gptq"
-    fk.quantize_model(model, config, calib_function if needs_calib else None)
+    fk.quantize_model(model, config, calib_function)
     _progress(f"saving the FP8 preset to {args.output}")
     model.save_to_preset(args.output)
     print(f"saved {len(model.fp8.weights)} FP8 weights ({config.weight_dtype}, activations "

@@ -1,6 +1,7 @@
 """fp8xla.keras past round-to-nearest on a tiny random-weight Gemma3: GPTQ rounding and scale
 search, per-row embedding scales, DynamicQuantConfig, white_list and autotune."""
 import os
+import re
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -79,6 +80,28 @@ def test_search_scales_never_raise_the_weight_error():
 def test_gptq_needs_calibration():
     with pytest.raises(ValueError, match="rounding='gptq' needs a calib_function"):
         quantize_model(tiny_gemma3(), StaticQuantConfig(activation_dtype=None, rounding="gptq"))
+
+
+def test_gptq_says_when_calibration_has_fewer_rows_than_inputs(capsys):
+    # one prompt of 12 tokens: about 12 prefill rows and a few decode rows per weight, fewer
+    # than the 32 inputs of the attention and gate weights and the 64 of the down projection
+    one = prompts(np.random.default_rng(2), 1, length=12, filled=5)
+    config = StaticQuantConfig(activation_dtype=None, rounding="gptq")
+    quantize_model(tiny_gemma3(), config,
+                   lambda m: m.generate(one, max_length=12, stop_token_ids=None))
+    note = [line for line in capsys.readouterr().out.splitlines()
+            if "GPTQ: calib_function gave fewer input rows than inputs for" in line]
+    assert len(note) == 1 and "corpus_calibration" in note[0], note
+    listed = re.findall(r"(decoder_block_\d/\S+) \((\d+) rows, (\d+) inputs\)", note[0])
+    assert listed, note
+    inputs = {"query": 32, "key": 32, "value": 32, "attention_output": 32, "ffw_gating": 32,
+              "ffw_gating_2": 32, "ffw_linear": 64}  # hidden 32, 2 x 16 heads, 64 FFW
+    for path, rows, k in listed:
+        assert int(k) == inputs[path.split("/")[-2]], (path, k)
+        assert 0 < int(rows) < int(k), (path, rows, k)
+    # enough rows (3 batches of 4 prompts, 12 positions): nothing to say
+    quantize_model(tiny_gemma3(), config, calib(np.random.default_rng(1)))
+    assert "fewer input rows" not in capsys.readouterr().out
 
 
 def test_dynamic_quant_config_generates_and_saves(rng, tmp_path):
