@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     q.add_argument("-p", "--dtype", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--weight-only", action="store_true", help="keep activations float32")
     q.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
-                   help="round to nearest, or GPTQ on the FP8 grid (docs/quality.md)")
+                   help="round to nearest, or GPTQ on the FP8 grid (docs/quality.md); GPTQ "
+                        "calibrates on texts the float model first writes from the prompts")
     q.add_argument("--act-order", action="store_true",
                    help="with --rounding gptq: round the inputs by decreasing energy")
     q.add_argument("--dynamic", action="store_true",
