@@ -61,8 +61,8 @@ class Settings:
     ppl_chunks: int = 14  # GPL-3 protocol of fp8xla.perplexity; each chunk is a timed prefill
     ppl_chunk_tokens: int = 511  # (of this + 1 tokens, with BOS)
     calib_max_length: int = 32
-    # tokens of each model-written calibration text for GPTQ (fp8xla.calibration)
-    gptq_text_tokens: int = 512
+    # 256-token passages of Python's documentation GPTQ calibrates on (fp8xla.calibration)
+    gptq_calib_passages: int = 75
     text_path: str = GPL3_PATH
     # The memory bandwidth probe's buffer (e2e_bandwidth.py), read once per decode round: far
     # larger than any cache.
@@ -72,7 +72,7 @@ class Settings:
     def quick(cls, **kw):
         """Tiny settings for a smoke test of the machinery (numbers mean nothing)."""
         return cls(prompt_tokens=32, new_tokens=8, reps=1, ppl_chunks=2, ppl_chunk_tokens=31,
-                   calib_max_length=12, gptq_text_tokens=24, probe_gib=0.25, **kw)
+                   calib_max_length=12, gptq_calib_passages=2, probe_gib=0.25, **kw)
 
 
 class Progress:

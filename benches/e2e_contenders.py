@@ -101,13 +101,13 @@ def calibration_function(max_length: int, prompts=None):
 
 
 def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int,
-            gptq_text_tokens: int = 512) -> dict:
+            gptq_calib_passages: int = 75) -> dict:
     """Quantizes the float32 ``model`` as ``contender`` says and saves it to ``preset_dir``.
     Returns notes for the results (what was done, how long quantizing took).
 
-    GPTQ contenders calibrate as ``fp8xla quantize --rounding gptq`` does: on the float
-    model's own continuations of the prompts, ``gptq_text_tokens`` tokens each (the time to
-    write them counts as quantizing time)."""
+    GPTQ contenders calibrate as ``fp8xla quantize --rounding gptq`` does: on
+    ``gptq_calib_passages`` 256-token passages of Python's documentation
+    (:func:`fp8xla.calibration.python_doc_passages`)."""
     import time
 
     from fp8xla import calibration
@@ -121,8 +121,8 @@ def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int,
         kind = DynamicQuantConfig if settings.pop("dynamic", False) else StaticQuantConfig
         config = kind(**settings)
         if config.rounding == "gptq":
-            calib = calibration.corpus_calibration(
-                model, length=gptq_text_tokens, window=gptq_text_tokens * 7 // 8,
+            calib = calibration.text_calibration(
+                calibration.python_doc_passages(count=gptq_calib_passages),
                 decode_length=calib_max_length)
         elif not config.activation_dtype or config.dynamic:
             calib = None

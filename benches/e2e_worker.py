@@ -395,7 +395,7 @@ def prepare(contender, s, work) -> dict:
         return {}
     with Step("quantize and save the preset"):
         notes = e2e_contenders.prepare(contender, model, os.path.join(work, "preset"),
-                                       s["calib_max_length"], s["gptq_text_tokens"])
+                                       s["calib_max_length"], s["gptq_calib_passages"])
     return notes
 
 

@@ -99,9 +99,10 @@ def main(argv=None):
                     help="calibrate on this many 256-token passages (default: all)")
     ap.add_argument("--calib-stride", type=int, default=750,
                     help="characters between passage starts (1500: no overlap, as before)")
-    ap.add_argument("--calibration", choices=["licences", "model-written"], default="licences",
-                    help="model-written: fp8xla.calibration.corpus_calibration, what "
-                         "`fp8xla quantize --rounding gptq` calibrates on")
+    ap.add_argument("--calibration", choices=["licences", "model-written", "python-docs"],
+                    default="licences",
+                    help="model-written: fp8xla.calibration.corpus_calibration; python-docs: "
+                         "text_calibration(python_doc_passages())")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -148,6 +149,11 @@ def main(argv=None):
         calib = calibration.corpus_calibration(models.load_model(args.model))
         results["calibration"] = "model-written"
         results["calibration_texts_seconds"] = time.perf_counter() - t0
+    elif args.calibration == "python-docs":
+        from fp8xla import calibration
+
+        calib = calibration.text_calibration(calibration.python_doc_passages())
+        results["calibration"] = "python-docs"
     else:
         passages = calibration_passages(count=args.calib_passages, stride=args.calib_stride)
         calib = calibration_function(passages)

@@ -59,3 +59,27 @@ def test_corpus_calibration_refuses_a_window_the_texts_cannot_fill(tiny_model):
             calibration.corpus_calibration(tiny_model, PROMPTS, length=24, window=window)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         calibration.model_written_texts(tiny_model, PROMPTS, length=1)
+
+
+def test_python_doc_passages_are_distinct_full_length_and_repeatable():
+    passages = calibration.python_doc_passages(count=40, chars=1200)
+    assert len(passages) == 40 and len(set(passages)) == 40
+    assert all(len(p) == 1200 and "  " not in p for p in passages)
+    assert calibration.python_doc_passages(count=40, chars=1200) == passages
+    # the documentation of the first module opens the text
+    import argparse
+    import inspect
+
+    assert passages[0].startswith(" ".join(inspect.getdoc(argparse).split())[:100])
+    with pytest.raises(ValueError, match="fewer than 1000000"):
+        calibration.python_doc_passages(count=10**6)
+
+
+def test_text_calibration_on_python_docs_fills_its_windows(tiny_model):
+    # what `fp8xla quantize --rounding gptq` calibrates on, with fewer and shorter windows
+    texts = calibration.python_doc_passages(count=3, chars=400)
+    calib = calibration.text_calibration(texts, window=16, batch=2, decode_length=6)
+    index = next(i for i, v in enumerate(tiny_model.trainable_variables)
+                 if v.path.endswith("attention/query/kernel"))
+    rows = _gram.collect_grams(tiny_model, calib, [index])[index].rows
+    assert 3 * 16 <= rows <= 3 * 16 + 2 * 6 * 2
