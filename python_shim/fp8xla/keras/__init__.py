@@ -327,8 +327,8 @@ def _note_underdetermined_grams(model, grams):
         _progress(f"GPTQ: calib_function gave fewer input rows than inputs for {len(few)} "
                   f"weight(s): {listed}{', ...' if len(few) > 3 else ''}. GPTQ then fits the "
                   "calibration rather than the model and can do worse than rounding to "
-                  "nearest: calibrate on more tokens (fp8xla.calibration.corpus_calibration "
-                  "lets the model write them)")
+                  "nearest: calibrate on more tokens (e.g. fp8xla.calibration."
+                  "text_calibration(fp8xla.calibration.python_doc_passages()), 19k tokens)")
 
 
 def _cached_grams(model, calib_function, candidates, cache):
