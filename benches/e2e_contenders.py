@@ -93,13 +93,6 @@ BY_KEY = {c.key: c for c in CONTENDERS}
 # Preparation (in the preparation process)
 
 
-def calibration_function(max_length: int, prompts=None):
-    """Generates on fp8xla's calibration prompts (the CLI's), as INC's Gemma3 example does."""
-    from fp8xla.calibration import CALIBRATION_PROMPTS, prompt_calibration
-
-    return prompt_calibration(CALIBRATION_PROMPTS if prompts is None else prompts, max_length)
-
-
 def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int,
             gptq_calib_passages: int = 75) -> dict:
     """Quantizes the float32 ``model`` as ``contender`` says and saves it to ``preset_dir``.
@@ -110,9 +103,8 @@ def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int,
     (:func:`fp8xla.calibration.python_doc_passages`)."""
     import time
 
-    from fp8xla import calibration
+    from fp8xla.calibration import calibration_for, prompt_calibration
 
-    calib = calibration_function(calib_max_length)
     t0 = time.perf_counter()
     if contender.kind == "fp8xla":
         from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, quantize_model
@@ -120,19 +112,15 @@ def prepare(contender: Contender, model, preset_dir: str, calib_max_length: int,
         settings = dict(contender.config)
         kind = DynamicQuantConfig if settings.pop("dynamic", False) else StaticQuantConfig
         config = kind(**settings)
-        if config.rounding == "gptq":
-            calib = calibration.text_calibration(
-                calibration.python_doc_passages(count=gptq_calib_passages),
-                decode_length=calib_max_length)
-        elif not config.activation_dtype or config.dynamic:
-            calib = None
-        model = quantize_model(model, config, calib)
+        model = quantize_model(model, config, calibration_for(config, calib_max_length,
+                                                              gptq_calib_passages))
     elif contender.kind == "keras-int8":
         model.quantize("int8")
     elif contender.kind == "inc":
         from neural_compressor.jax import StaticQuantConfig, quantize_model
 
-        model = quantize_model(model, StaticQuantConfig(**contender.config), calib)
+        model = quantize_model(model, StaticQuantConfig(**contender.config),
+                               prompt_calibration(max_length=calib_max_length))
     else:
         raise ValueError(f"contender {contender.key} has nothing to prepare")
     quantize_seconds = time.perf_counter() - t0

@@ -142,16 +142,14 @@ def main(argv=None):
         return grams
 
     _gram.collect_grams = cached_collect
-    if args.calibration == "model-written":
-        from fp8xla import calibration
+    from fp8xla import calibration
 
+    if args.calibration == "model-written":
         t0 = time.perf_counter()
         calib = calibration.corpus_calibration(models.load_model(args.model))
         results["calibration"] = "model-written"
         results["calibration_texts_seconds"] = time.perf_counter() - t0
     elif args.calibration == "python-docs":
-        from fp8xla import calibration
-
         calib = calibration.text_calibration(calibration.python_doc_passages())
         results["calibration"] = "python-docs"
     else:

@@ -140,7 +140,6 @@ def main(argv=None):
     calib = calibration_function(calibration_passages(count=args.calib_passages))
     for alpha in (float(a) for a in args.alphas.split(",")):
         model = models.load_model(args.model)
-        float_logits = None
         if alpha > 0:
             sites = [v.path for v in model.trainable_variables
                      if v.path.endswith(("query/kernel", "ffw_gating/kernel",
@@ -148,14 +147,14 @@ def main(argv=None):
             t0 = time.perf_counter()
             maxima = channel_maxima(model, calib, sites)
             probe = np.asarray([[2, 651, 6974, 563, 496, 1694]])
-            float_logits = np.asarray(model.backbone({"token_ids": probe,
+            float_hidden = np.asarray(model.backbone({"token_ids": probe,
                                                       "padding_mask": np.ones_like(probe)}))
             smooth(model, maxima, alpha)
             smoothed = np.asarray(model.backbone({"token_ids": probe,
                                                   "padding_mask": np.ones_like(probe)}))
             # the migration must leave the float model's function unchanged
-            change = float(np.max(np.abs(smoothed - float_logits)) /
-                           np.max(np.abs(float_logits)))
+            change = float(np.max(np.abs(smoothed - float_hidden)) /
+                           np.max(np.abs(float_hidden)))
             print(f"[smoothquant] alpha {alpha}: float hidden states change {change:.2e} "
                   f"(relative); smoothing took {time.perf_counter() - t0:.0f} s", flush=True)
             if change > 1e-3:

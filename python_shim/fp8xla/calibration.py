@@ -108,6 +108,18 @@ def prompt_calibration(prompts=CALIBRATION_PROMPTS, max_length=32, progress=None
     return calib
 
 
+def calibration_for(config, prompt_max_length=32, gptq_passages=75, progress=None):
+    """The ``calib_function`` the CLI and the benchmark give ``quantize_model`` for ``config``:
+    Python's documentation for GPTQ (it also gives the static scales), the prompts for static
+    activation scales alone, None when nothing needs calibrating."""
+    if config.rounding == "gptq":  # more tokens than a weight has inputs
+        return text_calibration(python_doc_passages(count=gptq_passages),
+                                decode_length=prompt_max_length, progress=progress)
+    if config.activation_dtype and not config.dynamic:
+        return prompt_calibration(max_length=prompt_max_length, progress=progress)
+    return None
+
+
 def model_written_texts(model, prompts=CALIBRATION_PROMPTS, length=512, top_k=40, seed=0,
                         batch=8):
     """The float ``model``'s continuations of ``prompts``, ``length`` tokens each with the

@@ -82,14 +82,8 @@ def quantize(args) -> int:
                   rounding=args.rounding, gptq_act_order=args.act_order)
     model = models.load_model(args.model, progress=True)
 
-    calib_function = None
-    if config.rounding == "gptq":  # GPTQ needs more tokens than a weight has inputs
-        calib_function = calibration.text_calibration(calibration.python_doc_passages(),
-                                                      progress=_progress)
-    elif config.activation_dtype and not config.dynamic:
-        calib_function = calibration.prompt_calibration(progress=_progress)
     _progress("quantizing")
-    fk.quantize_model(model, config, calib_function)
+    fk.quantize_model(model, config, calibration.calibration_for(config, progress=_progress))
     _progress(f"saving the FP8 preset to {args.output}")
     model.save_to_preset(args.output)
     print(f"saved {len(model.fp8.weights)} FP8 weights ({config.weight_dtype}, activations "

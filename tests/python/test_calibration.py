@@ -29,9 +29,10 @@ def tiny_model(tmp_path_factory):
 
 
 def test_model_written_texts_are_long_and_leave_the_sampler(tiny_model):
-    sampler = tiny_model.sampler
+    sampler, generate_function = tiny_model.sampler, tiny_model.generate_function
     texts = calibration.model_written_texts(tiny_model, PROMPTS, length=24, batch=2)
-    assert tiny_model.sampler is sampler and tiny_model.generate_function is None
+    assert tiny_model.sampler is sampler
+    assert tiny_model.generate_function is generate_function
     assert len(texts) == len(PROMPTS)
     tokenizer = tiny_model.preprocessor.tokenizer
     for prompt, text in zip(PROMPTS, texts):
@@ -83,3 +84,31 @@ def test_text_calibration_on_python_docs_fills_its_windows(tiny_model):
                  if v.path.endswith("attention/query/kernel"))
     rows = _gram.collect_grams(tiny_model, calib, [index])[index].rows
     assert 3 * 16 <= rows <= 3 * 16 + 2 * 6 * 2
+
+
+class _Recorder:
+    """Stands in for a model: records what calib_function asks generate for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, inputs, max_length):
+        self.calls.append((inputs, max_length))
+
+
+def test_calibration_for_picks_by_config():
+    from fp8xla.config import DynamicQuantConfig, StaticQuantConfig
+
+    for config in (StaticQuantConfig(activation_dtype=None), DynamicQuantConfig()):
+        assert calibration.calibration_for(config) is None  # nothing to calibrate
+    model = _Recorder()
+    calibration.calibration_for(StaticQuantConfig(), prompt_max_length=20)(model)
+    assert model.calls == [(p, 20) for p in calibration.CALIBRATION_PROMPTS]
+    for config in (StaticQuantConfig(rounding="gptq"),
+                   DynamicQuantConfig(activation_dtype=None, rounding="gptq")):
+        model = _Recorder()
+        calibration.calibration_for(config, prompt_max_length=20, gptq_passages=6)(model)
+        texts = [t for inputs, length in model.calls[:-1] for t in inputs]
+        assert texts == calibration.python_doc_passages(count=6)
+        assert {length for _, length in model.calls[:-1]} == {256}
+        assert model.calls[-1] == (calibration.CALIBRATION_PROMPTS[:4], 20)  # decodes

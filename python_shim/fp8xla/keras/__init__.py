@@ -142,7 +142,6 @@ def _quantize(model, config, calib_function, cache):
     grams = {}
     if config.rounding == "gptq":
         grams = _cached_grams(model, calib_function, candidates, cache)
-        _note_underdetermined_grams(model, grams)
     amax = {}
     if static_activations:
         if not set(candidates) <= cache.get("amax_of", set()):
@@ -336,6 +335,7 @@ def _cached_grams(model, calib_function, candidates, cache):
         _progress("collecting the Gram matrices of the weights' inputs (calib_function)")
         cache["grams"] = _gram.collect_grams(model, calib_function, candidates)
         cache["grams_of"] = set(candidates)
+        _note_underdetermined_grams(model, cache["grams"])
     return cache["grams"]
 
 
