@@ -42,6 +42,14 @@ SCHEMES = {
                               gptq_embedding_damp=0.3),
     "gptq-act-edamp0.03": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
                                gptq_embedding_damp=0.03),
+    "gptq-act-seq": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
+                         gptq_sequential=True),
+    "gptq-act-seq-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq", gptq_act_order=True,
+                            gptq_sequential=True),
+    "gptq-act-seq-dynamic": dict(activation_dtype="fp8_e4m3", rounding="gptq",
+                                 gptq_act_order=True, gptq_sequential=True, _dynamic=True),
+    "gptq-act-seq-embfirst": dict(activation_dtype=None, rounding="gptq", gptq_act_order=True,
+                                  gptq_sequential=True, _embedding_first=True),
     "gptq-act-wa": dict(activation_dtype="fp8_e4m3", rounding="gptq", gptq_act_order=True),
     "gptq-act-dynamic": dict(activation_dtype="fp8_e4m3", rounding="gptq",
                              gptq_act_order=True, _dynamic=True),
@@ -96,18 +104,21 @@ def main(argv=None):
     ap.add_argument("--model", default="gemma3_270m")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--calib-passages", type=int, default=None,
-                    help="calibrate on this many 256-token passages (default: all)")
+                    help="calibrate on this many 256-token passages (default: all licence "
+                         "passages; python-docs: 75)")
     ap.add_argument("--calib-stride", type=int, default=750,
                     help="characters between passage starts (1500: no overlap, as before)")
-    ap.add_argument("--calibration", choices=["licences", "model-written", "python-docs"],
+    ap.add_argument("--calibration",
+                    choices=["licences", "model-written", "python-docs", "licences+python-docs"],
                     default="licences",
                     help="model-written: fp8xla.calibration.corpus_calibration; python-docs: "
-                         "text_calibration(python_doc_passages())")
+                         "text_calibration(python_doc_passages()); licences+python-docs: both "
+                         "texts' passages, twice the tokens")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     from fp8xla import models, perplexity
-    from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, _gram, _quantize
+    from fp8xla.keras import DynamicQuantConfig, StaticQuantConfig, _gram, _quantize, _sequential
 
     results_path = os.path.join(args.out, "quality.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
@@ -150,10 +161,14 @@ def main(argv=None):
         results["calibration"] = "model-written"
         results["calibration_texts_seconds"] = time.perf_counter() - t0
     elif args.calibration == "python-docs":
-        calib = calibration.text_calibration(calibration.python_doc_passages())
+        calib = calibration.text_calibration(calibration.python_doc_passages(
+            count=args.calib_passages or 75))
         results["calibration"] = "python-docs"
     else:
         passages = calibration_passages(count=args.calib_passages, stride=args.calib_stride)
+        if args.calibration == "licences+python-docs":
+            passages += calibration.python_doc_passages()
+            results["calibration"] = "licences+python-docs"
         calib = calibration_function(passages)
         results["calibration_passages"] = len(passages)
         results["calibration_stride"] = args.calib_stride
@@ -172,6 +187,9 @@ def main(argv=None):
     for name in args.schemes.split(","):
         settings = dict(SCHEMES[name])
         per_tensor_embedding = settings.pop("_embedding_per_tensor", False)
+        # probe: sequential GPTQ rounding the tied embedding first instead of last
+        embedding_first = settings.pop("_embedding_first", False)
+        _sequential.quantize.__kwdefaults__["embedding_first"] = embedding_first
         kind = DynamicQuantConfig if settings.pop("_dynamic", False) else StaticQuantConfig
         config = kind(**settings)
         model = models.load_model(args.model)
@@ -181,8 +199,11 @@ def main(argv=None):
         else:
             needs_calib = (config.activation_dtype and not config.dynamic) or \
                 config.rounding == "gptq"
-            model = _quantize(model, config, calib if needs_calib else None, cache)
-            save_codes()
+            if embedding_first:  # codes that the cache's key does not tell apart
+                model = _quantize(model, config, calib if needs_calib else None, {})
+            else:
+                model = _quantize(model, config, calib if needs_calib else None, cache)
+                save_codes()
         quantize_seconds = time.perf_counter() - t0
         r = perplexity.gpl3_perplexity(model, progress=True)
         fp8_bytes = sum(np.asarray(q.codes).nbytes + np.asarray(q.w_scale).nbytes

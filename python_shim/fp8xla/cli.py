@@ -79,7 +79,8 @@ def quantize(args) -> int:
     kind = fk.DynamicQuantConfig if args.dynamic else fk.StaticQuantConfig
     config = kind(weight_dtype=args.dtype,
                   activation_dtype=None if args.weight_only else args.dtype,
-                  rounding=args.rounding, gptq_act_order=args.act_order)
+                  rounding=args.rounding, gptq_act_order=args.act_order,
+                  gptq_sequential=args.sequential)
     model = models.load_model(args.model, progress=True)
 
     _progress("quantizing")
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
                         "calibrates on 19k tokens of Python's own documentation")
     q.add_argument("--act-order", action="store_true",
                    help="with --rounding gptq: round the inputs by decreasing energy")
+    q.add_argument("--sequential", action="store_true",
+                   help="with --rounding gptq: fit each block to the rounded blocks before it")
     q.add_argument("--dynamic", action="store_true",
                    help="activation scales per token at run time (DynamicQuantConfig)")
     q.set_defaults(func=quantize)
@@ -234,6 +237,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "quantize" and args.act_order and args.rounding != "gptq":
         q.error("--act-order orders GPTQ's rounding: it needs --rounding gptq")
+    if args.cmd == "quantize" and args.sequential and args.rounding != "gptq":
+        q.error("--sequential orders GPTQ's rounding: it needs --rounding gptq")
     return args.func(args)
 
 

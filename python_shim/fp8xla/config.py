@@ -38,6 +38,10 @@ class QuantConfig:
         diagonal) for the linear layers and for the embedding.
     gptq_act_order: GPTQ rounds the inputs in order of decreasing energy (GPTQ's
         "act-order", INC's ``act_order``); the codes keep the weight's layout.
+    gptq_sequential: GPTQ takes each weight's Gram matrix from the inputs that the layers
+        before it, already rounded, produce (one transformer block at a time, in the order
+        the block uses its weights; the tied embedding last), as GPTQ's reference
+        implementation does; False: every Gram matrix from the float model, in one pass.
     float_weights: paths of weights kept in float (what ``autotune`` falls back to).
     kv_cache_dtype: ``"fp8_e4m3"`` or ``"fp8_e5m2"``: the decode loop's KV cache is stored
         in FP8, one scale per position and head computed when the row is written, and the
@@ -56,6 +60,7 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_embedding_damp: float = 0.1
     gptq_act_order: bool = False
+    gptq_sequential: bool = False
     float_weights: tuple = ()
     kv_cache_dtype: str | None = None
 
@@ -87,12 +92,14 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"{kind}: {name} must be a finite number > 0, got {v!r}")
-        if not isinstance(self.gptq_act_order, bool):
-            raise TypeError(f"{kind}: gptq_act_order must be True or False, got "
-                            f"{self.gptq_act_order!r}")
-        if self.gptq_act_order and self.rounding != "gptq":
-            raise ValueError(f"{kind}: gptq_act_order=True orders GPTQ's rounding; it needs "
-                             f"rounding='gptq', got rounding={self.rounding!r}")
+        for name, what in (("gptq_act_order", "orders GPTQ's rounding"),
+                           ("gptq_sequential", "changes where GPTQ's inputs come from")):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"{kind}: {name} must be True or False, got {v!r}")
+            if v and self.rounding != "gptq":
+                raise ValueError(f"{kind}: {name}=True {what}; it needs rounding='gptq', "
+                                 f"got rounding={self.rounding!r}")
         if self.white_list is not None:
             items = (self.white_list,) if isinstance(self.white_list, (str, type)) else \
                 tuple(self.white_list)

@@ -1,5 +1,6 @@
 """fp8xla.keras past round-to-nearest on a tiny random-weight Gemma3: GPTQ rounding and scale
 search, per-row embedding scales, DynamicQuantConfig, white_list and autotune."""
+import dataclasses
 import os
 import re
 
@@ -54,12 +55,89 @@ def test_gptq_lowers_the_logit_error_and_keeps_the_runtime_format(rng):
     assert errors["gptq-act"] < errors["rtn"], errors
 
 
+def _grams_given_to_gptq(monkeypatch, model, config, calib_function):
+    """Quantizes ``model``; returns ``{weight path: the Gram matrix GPTQ rounded it with}``."""
+    import fp8xla.keras as fk
+
+    seen, stock = {}, fk._quantize_weight
+
+    def spy(w, config, channel_dim, site, is_embedding, name):
+        if site is not None:
+            seen[name.split(" ", 1)[1]] = np.array(site.gram)
+        return stock(w, config, channel_dim, site, is_embedding, name)
+
+    monkeypatch.setattr(fk, "_quantize_weight", spy)
+    quantize_model(model, config, calib_function)
+    return seen
+
+
+def test_sequential_gptq_fits_each_block_to_the_rounded_blocks_before_it(monkeypatch):
+    want_logits = float_logits(tiny_gemma3(), x := prompts(np.random.default_rng(5), 8,
+                                                           length=12, filled=12))
+    batches = [prompts(np.random.default_rng(10 + i), 4, length=12, filled=7) for i in range(3)]
+
+    def calib_function(model):
+        for b in batches:
+            model.generate(b, max_length=12, stop_token_ids=None)
+
+    config = StaticQuantConfig(activation_dtype=None, rounding="gptq", gptq_sequential=True)
+    model = tiny_gemma3()
+    floats = [np.array(v.value) for v in model.trainable_variables]
+    grams = _grams_given_to_gptq(monkeypatch, model, config, calib_function)
+    # the float weights are the model's again afterwards (as with parallel GPTQ)
+    for v, f in zip(model.trainable_variables, floats):
+        np.testing.assert_array_equal(np.array(v.value), f)
+
+    # Reference: the sequences the float model generates from the calibration prompts, block 0
+    # holding its rounded weights, the embedding still float (it is rounded last); the input
+    # of block 1's query projection, padding positions left out.
+    from fp8xla.keras import float_generate_function
+    reference = tiny_gemma3()
+    reference.generate_function = float_generate_function(reference)
+    for q in model.fp8.weights.values():
+        if "decoder_block_0/" in q.path:
+            reference.trainable_variables[q.index].assign(weight_rounding.dequantize(
+                q.codes, q.w_scale, q.channel_dim))
+    backbone = reference.backbone
+    want = np.zeros((32, 32))
+    for b in batches:
+        out = reference.generate(b, max_length=12, stop_token_ids=None)
+        ids, mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
+        h = np.asarray(backbone.token_embedding(ids)) * np.sqrt(32.0)
+        h = backbone.transformer_layers[0](h, padding_mask=mask)
+        rows = np.asarray(backbone.transformer_layers[1].pre_attention_norm(h), np.float64)
+        rows = rows.reshape(-1, 32)[mask.reshape(-1).astype(bool)]
+        want += rows.T @ rows
+    got = grams["decoder_block_1/attention/query/kernel"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # ... which is not the float model's (what parallel GPTQ uses)
+    parallel = _grams_given_to_gptq(monkeypatch, tiny_gemma3(), dataclasses.replace(
+        config, gptq_sequential=False), calib_function)
+    assert np.abs(parallel["decoder_block_1/attention/query/kernel"] - want).max() > \
+        1e-2 * np.abs(want).max()
+    # the tied embedding: the final hidden states of the model with every block rounded
+    assert grams["token_embedding/embeddings"].shape == (32, 32)
+    # and it is a better rounding than to nearest, with codes on the FP8 grid
+    rtn = tiny_gemma3()
+    quantize_model(rtn, StaticQuantConfig(activation_dtype=None))
+    err = {name: np.mean((float_logits(m, x) - want_logits) ** 2)
+           for name, m in (("rtn", rtn), ("sequential", model))}
+    assert err["sequential"] < err["rtn"], err
+    np.testing.assert_allclose(float_logits(model, x), float_logits(
+        fake_quantized_copy(model, model), x), rtol=1e-4, atol=1e-4)
+
+
 def test_act_order_needs_gptq_and_a_bool():
     with pytest.raises(ValueError, match="gptq_act_order=True orders GPTQ's rounding; it "
                                          "needs rounding='gptq', got rounding='rtn'"):
         StaticQuantConfig(gptq_act_order=True)
     with pytest.raises(TypeError, match="gptq_act_order must be True or False, got 1"):
         StaticQuantConfig(rounding="gptq", gptq_act_order=1)
+    with pytest.raises(ValueError, match="gptq_sequential=True changes where GPTQ's inputs "
+                                         "come from; it needs rounding='gptq'"):
+        DynamicQuantConfig(gptq_sequential=True)
+    with pytest.raises(TypeError, match="gptq_sequential must be True or False, got 'yes'"):
+        StaticQuantConfig(rounding="gptq", gptq_sequential="yes")
 
 
 def test_search_scales_never_raise_the_weight_error():
@@ -234,7 +312,7 @@ def test_autotune_takes_the_first_config_that_meets_and_errors_when_none_does():
         TuningConfig(config_set=[])
 
 
-def test_cli_act_order_needs_gptq(capsys):
+def test_cli_act_order_and_sequential_need_gptq(capsys):
     from fp8xla import cli
 
     with pytest.raises(SystemExit) as e:
@@ -242,3 +320,27 @@ def test_cli_act_order_needs_gptq(capsys):
     assert e.value.code == 2
     assert "--act-order orders GPTQ's rounding: it needs --rounding gptq" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "-q", "unused", "--sequential"])
+    assert e.value.code == 2
+    assert "--sequential orders GPTQ's rounding: it needs --rounding gptq" in \
+        capsys.readouterr().err
+
+
+def test_sequential_gptq_needs_generate_calls():
+    config = StaticQuantConfig(activation_dtype=None, rounding="gptq", gptq_sequential=True)
+    with pytest.raises(RuntimeError, match="calib_function never called model.generate, so "
+                                           "GPTQ has no calibration input"):
+        quantize_model(tiny_gemma3(), config, lambda model: None)
+
+
+def test_gptq_refuses_several_processes(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for sequential in (False, True):
+        config = StaticQuantConfig(activation_dtype=None, rounding="gptq",
+                                   gptq_sequential=sequential)
+        with pytest.raises(ValueError, match=r"rounding='gptq' runs in one process; this is "
+                                             r"process 0 of 2 \(jax.distributed\)"):
+            quantize_model(tiny_gemma3(), config, calib(np.random.default_rng(1)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
 import numpy as np
 
 try:
@@ -31,7 +32,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"pip install keras-hub): {e}") from e
 
 from .. import graph, ops, runtime, weight_rounding
-from . import _gram, distribution
+from . import _gram, _sequential, distribution
 from .distribution import gemma3_layout_map  # noqa: F401  (public API)
 from ..tuning import TuningConfig  # noqa: F401  (public API, INC's name)
 from ..runtime import (  # noqa: F401  (public API)
@@ -136,11 +137,19 @@ def _quantize(model, config, calib_function, cache):
     if config.rounding == "gptq" and calib_function is None:
         raise ValueError("fp8xla.keras.quantize_model: rounding='gptq' needs a calib_function "
                          "(the Gram matrices of the weights' inputs come from it)")
+    if config.rounding == "gptq" and jax.process_count() > 1:
+        # Each process would collect its own Gram matrices from its own share of the
+        # calibration and round the weights differently from the others.
+        raise ValueError(f"fp8xla.keras.quantize_model: rounding='gptq' runs in one process; "
+                         f"this is process {jax.process_index()} of {jax.process_count()} "
+                         "(jax.distributed): quantize in one process, save the preset and "
+                         "load it in every process")
     candidates = _quantizable_variables(model, config)
     if not candidates:
         raise ValueError(_no_quantizable_layers(model))
+    sequential = config.rounding == "gptq" and config.gptq_sequential
     grams = {}
-    if config.rounding == "gptq":
+    if config.rounding == "gptq" and not sequential:
         grams = _cached_grams(model, calib_function, candidates, cache)
     amax = {}
     if static_activations:
@@ -164,22 +173,40 @@ def _quantize(model, config, calib_function, cache):
                       "loop)")
     # codes depend on how weights are rounded, not on activations or fallbacks
     codes_key = (config.w_format, config.granularity, config.weight_scale, config.rounding,
-                 config.gptq_damp, config.gptq_embedding_damp, config.gptq_act_order)
+                 config.gptq_damp, config.gptq_embedding_damp, config.gptq_act_order,
+                 config.gptq_sequential)
     known = cache.setdefault(codes_key, {})
     qweights = {}
     todo = [i for i in candidates if i in dims]  # others: not used by a matmul of the step
-    for n, i in enumerate(todo):
+
+    def host_weight(i):
+        return np.asarray(distribution.host_value(model.trainable_variables[i].value),
+                          np.float32)
+
+    def channel_dim_of(i, shape):
+        if config.granularity != "per_channel" or not dims[i]:
+            return None
+        # the embedding's free dim at the tied logits is its rows: one scale per row
+        return max(dims[i], key=lambda d: (shape[d], d))
+
+    def round_weight(i, site):
+        var, w = model.trainable_variables[i], host_weight(i)
+        channel_dim = channel_dim_of(i, w.shape)
+        return _quantize_weight(w, config, channel_dim, site, _is_embedding(var),
+                                f"{todo.index(i) + 1}/{len(todo)} {var.path}")
+
+    def dequantize(i, codes, scale):
+        return weight_rounding.dequantize(codes, scale, channel_dim_of(i, codes.shape))
+
+    if sequential and not set(todo) <= set(known):
+        known.update(_sequential.quantize(model, calib_function, todo, round_weight,
+                                          dequantize, _progress))
+    for i in todo:
         var = model.trainable_variables[i]
-        w = np.asarray(distribution.host_value(var.value), np.float32)
-        channel_dim = None
-        if config.granularity == "per_channel":
-            # the embedding's free dim at the tied logits is its rows: one scale per row
-            free = dims[i]
-            channel_dim = max(free, key=lambda d: (w.shape[d], d)) if free else None
         if i not in known:
-            known[i] = _quantize_weight(w, config, channel_dim, grams.get(i),
-                                        _is_embedding(var), f"{n + 1}/{len(todo)} {var.path}")
+            known[i] = round_weight(i, grams.get(i))
         codes, scale = known[i]
+        channel_dim = channel_dim_of(i, var.shape)
         a_scale, a_dynamic = None, False
         float_activations = any(name in var.path for name in config.float_activation_layers)
         if config.a_format and config.dynamic and not float_activations:
