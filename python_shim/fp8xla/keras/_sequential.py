@@ -47,6 +47,8 @@ class _RowCollector(_gram.GramCollector):
         if self.order is not None:
             self.order.append((index, id(x)))
         rows = np.asarray(_gram._rows_of(x, x_axes))
+        # a block's dense layers see one row per position (batch x length), in the mask's
+        # order; a layer with other rows (none in Gemma 3) keeps them all
         if self.row_mask is not None and len(rows) == len(self.row_mask):
             rows = rows[self.row_mask]
         site.add(rows)
@@ -79,7 +81,8 @@ def record_sequences(model, calib_function):
 
 
 def _block_inputs(backbone, first_block, sequences):
-    """``[(x, call kwargs, row mask)]`` at the input of ``first_block``, one per sequence."""
+    """``[(x, call args, call kwargs, row mask)]`` at the input of ``first_block``, one per
+    sequence (the row mask: which of its ``batch x length`` positions are not padding)."""
     captured = []
 
     def call(x, *args, **kwargs):
