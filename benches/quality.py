@@ -15,6 +15,7 @@ reuses the codes of its weight-only twin, also from an earlier run into the same
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -86,16 +87,12 @@ def calibration_function(passages, max_length=256, batch=4, decode_chars=700):
     generate continues: the matmuls that only the decode loop runs (the tied logits and most
     of the last block: the prefill needs only the caches) are observed too, so static
     calibration gives them activation scales instead of leaving them float."""
+    from fp8xla.calibration import text_calibration
 
-    def calib(model):
-        for i in range(0, len(passages), batch):
-            print(f"[quality] calibration {min(i + batch, len(passages))}/{len(passages)}",
-                  flush=True)
-            model.generate(passages[i:i + batch], max_length=max_length)
-        print("[quality] calibration: one batch that decodes", flush=True)
-        model.generate([p[:decode_chars] for p in passages[:batch]], max_length=max_length)
-
-    return calib
+    return text_calibration(
+        passages, window=max_length, batch=batch,
+        prompts=[p[:decode_chars] for p in passages[:batch]], decode_length=max_length,
+        progress=lambda message: print(f"[quality] {message}", flush=True))
 
 
 def main(argv=None):
@@ -153,6 +150,7 @@ def main(argv=None):
         return grams
 
     _gram.collect_grams = cached_collect
+    stock_sequential = _sequential.quantize
     from fp8xla import calibration
 
     if args.calibration == "model-written":
@@ -189,7 +187,8 @@ def main(argv=None):
         per_tensor_embedding = settings.pop("_embedding_per_tensor", False)
         # probe: sequential GPTQ rounding the tied embedding first instead of last
         embedding_first = settings.pop("_embedding_first", False)
-        _sequential.quantize.__kwdefaults__["embedding_first"] = embedding_first
+        _sequential.quantize = functools.partial(stock_sequential,
+                                                 embedding_first=embedding_first)
         kind = DynamicQuantConfig if settings.pop("_dynamic", False) else StaticQuantConfig
         config = kind(**settings)
         model = models.load_model(args.model)

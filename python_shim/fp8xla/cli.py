@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     if args.cmd == "quantize" and args.act_order and args.rounding != "gptq":
         q.error("--act-order orders GPTQ's rounding: it needs --rounding gptq")
     if args.cmd == "quantize" and args.sequential and args.rounding != "gptq":
-        q.error("--sequential orders GPTQ's rounding: it needs --rounding gptq")
+        q.error("--sequential changes where GPTQ's inputs come from: it needs --rounding gptq")
     return args.func(args)
 
 

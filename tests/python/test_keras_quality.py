@@ -323,7 +323,7 @@ def test_cli_act_order_and_sequential_need_gptq(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["quantize", "-q", "unused", "--sequential"])
     assert e.value.code == 2
-    assert "--sequential orders GPTQ's rounding: it needs --rounding gptq" in \
+    assert "--sequential changes where GPTQ's inputs come from: it needs --rounding gptq" in \
         capsys.readouterr().err
 
 
