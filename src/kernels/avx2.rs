@@ -5,6 +5,16 @@
 //! value times 2^-8 (exact, subnormals included), with the NaN code patched to an f16 NaN.
 //! The 2^8 is folded into the final per-column multiplier (see `Backend::domain`).
 //!
+//! The e4m3fn GEMVs have a cheaper conversion for their 32-byte steps (see `cvt32_direct`):
+//! `vpshufb` puts each code in the top byte of an f32 lane and a shift and a mask make the f32
+//! pattern of value * 2^-120 (e4m3fn subnormals become f32 subnormals); the activations are
+//! multiplied by 2^112 beforehand, so the products land in the same 2^-8 domain. Four
+//! `vpshufb`, four shifts and four masks per 32 codes replace the widening and the four
+//! `vcvtph2ps`; a 168 MB NK GEMV streamed from memory about 1.2x faster on two cores (AMD
+//! EPYC Zen 3, docs/performance-notes.md). It is used when every activation is below 2^15 in magnitude
+//! (or not finite), so that the scaled copy stays finite, with MXCSR.DAZ cleared for the call
+//! (XLA's threads may run with denormals flushed, which would zero the subnormal codes).
+//!
 //! The safe methods of [`Avx2`] re-check every bound the unsafe bodies rely on; an `Avx2`
 //! value only exists when the CPU supports the instructions (see [`table`]).
 #![allow(clippy::too_many_arguments)]
@@ -84,22 +94,27 @@ impl Avx2 {
         let tab = scaled_table(fmt);
         let (l, wp, a) = (lhs.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
         macro_rules! go {
-            ($e5:literal) => {
+            ($e5:literal, $direct:literal) => {
                 match rows {
-                    1 => kn_rows_impl::<$e5, 1>(l, ls, kr, wp, ncols, a, tab),
-                    2 => kn_rows_impl::<$e5, 2>(l, ls, kr, wp, ncols, a, tab),
-                    3 => kn_rows_impl::<$e5, 3>(l, ls, kr, wp, ncols, a, tab),
-                    _ => kn_rows_impl::<$e5, 4>(l, ls, kr, wp, ncols, a, tab),
+                    1 => kn_rows_impl::<$e5, 1, $direct>(l, ls, kr, wp, ncols, a, tab),
+                    2 => kn_rows_impl::<$e5, 2, $direct>(l, ls, kr, wp, ncols, a, tab),
+                    3 => kn_rows_impl::<$e5, 3, $direct>(l, ls, kr, wp, ncols, a, tab),
+                    _ => kn_rows_impl::<$e5, 4, $direct>(l, ls, kr, wp, ncols, a, tab),
                 }
             };
         }
+        let direct = fmt == Format::E4m3fn
+            && ncols >= 32
+            && (0..rows.min(4)).all(|r| direct_fits(&lhs[r * ls..r * ls + kr]));
         // SAFETY: the token proves AVX2/FMA/F16C; the asserts above bound every access
         // `kn_rows_impl` makes: lhs `r*ls + kk`, weights `kk*ncols + c`, acc `r*ncols + c`, for
-        // `r < rows`, `kk < kr`, `c < ncols`.
+        // `r < rows`, `kk < kr`, `c < ncols`. The direct conversion runs with DAZ cleared
+        // (`with_denormal_inputs`) on activations checked by `direct_fits`.
         let exact = unsafe {
             match fmt {
-                Format::E4m3fn => go!(false),
-                Format::E5m2 => go!(true),
+                Format::E4m3fn if direct => with_denormal_inputs(|| go!(false, true)),
+                Format::E4m3fn => go!(false, false),
+                Format::E5m2 => go!(true, false),
             }
         };
         if !exact {
@@ -125,22 +140,32 @@ impl Avx2 {
         check_mul(&mul, ncols);
         let tab = scaled_table(fmt);
         let (l, wp, o) = (lhs.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        // The one- and two-row e4m3fn GEMVs read their 32-depth steps from a scaled copy of the
+        // activations in `cvt32_direct`'s order, when the values allow it.
+        let k32 = k - k % 32;
+        let scaled = (fmt == Format::E4m3fn && rows <= 2 && k32 > 0 && ncols > 0)
+            .then(|| direct_lhs(lhs, rows, k, k32))
+            .flatten();
+        let x = scaled.as_ref().map_or(l, |v| v.as_ptr());
         macro_rules! go {
-            ($e5:literal) => {
+            ($e5:literal, $direct:literal) => {
                 match rows {
-                    1 => nk::<$e5, 1, 4, true>(l, k, wp, ncols, o, os, &mul, tab),
-                    2 => nk::<$e5, 2, 2, true>(l, k, wp, ncols, o, os, &mul, tab),
-                    3 => nk::<$e5, 3, 1, false>(l, k, wp, ncols, o, os, &mul, tab),
-                    _ => nk::<$e5, 4, 1, false>(l, k, wp, ncols, o, os, &mul, tab),
+                    1 => nk::<$e5, 1, 4, true, $direct>(l, x, k, wp, ncols, o, os, &mul, tab),
+                    2 => nk::<$e5, 2, 2, true, $direct>(l, x, k, wp, ncols, o, os, &mul, tab),
+                    3 => nk::<$e5, 3, 1, false, false>(l, x, k, wp, ncols, o, os, &mul, tab),
+                    _ => nk::<$e5, 4, 1, false, false>(l, x, k, wp, ncols, o, os, &mul, tab),
                 }
             };
         }
         // SAFETY: the token proves AVX2/FMA/F16C; the asserts above bound every access `nk`
-        // makes: lhs `r*k + kk`, weights `c*k + kk`, out `r*os + c`, scales `c < ncols`.
+        // makes: lhs `r*k + kk`, weights `c*k + kk`, out `r*os + c`, scales `c < ncols`; with
+        // a scaled copy (`rows * k32` values, made by `direct_lhs`), `x[r*k32 + kk]` for
+        // `kk < k32`, run with DAZ cleared (`with_denormal_inputs`).
         unsafe {
             match fmt {
-                Format::E4m3fn => go!(false),
-                Format::E5m2 => go!(true),
+                Format::E4m3fn if scaled.is_some() => with_denormal_inputs(|| go!(false, true)),
+                Format::E4m3fn => go!(false, false),
+                Format::E5m2 => go!(true, false),
             }
         }
     }
@@ -315,15 +340,19 @@ pub(super) unsafe fn cvt16<const E5: bool>(p: *const u8) -> (__m256, __m256) {
     )
 }
 
-/// `lhs[r*ls]` and `lhs[r*ls + 1]` broadcast, for the rows `r < R`: the multipliers of two
-/// consecutive weight rows in a KN pass.
+/// `lhs[r*ls]` and `lhs[r*ls + 1]` times `scale`, broadcast, for the rows `r < R`: the
+/// multipliers of two consecutive weight rows in a KN pass.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn pair_multipliers<const R: usize>(lhs: *const f32, ls: usize) -> [[__m256; 2]; R] {
+unsafe fn pair_multipliers<const R: usize>(
+    lhs: *const f32,
+    ls: usize,
+    scale: f32,
+) -> [[__m256; 2]; R] {
     std::array::from_fn(|r| {
         [
-            _mm256_set1_ps(*lhs.add(r * ls)),
-            _mm256_set1_ps(*lhs.add(r * ls + 1)),
+            _mm256_set1_ps(*lhs.add(r * ls) * scale),
+            _mm256_set1_ps(*lhs.add(r * ls + 1) * scale),
         ]
     })
 }
@@ -332,9 +361,14 @@ unsafe fn pair_multipliers<const R: usize>(lhs: *const f32, ls: usize) -> [[__m2
 /// stored once per two rows), 32 columns per step with `cvt32`, the last columns exactly with
 /// `cvt16` and the table. Each weight row is read front to back, so the slab streams from
 /// memory in order. Returns false if it met e4m3fn NaN codes (then `acc` is not valid).
+/// `DIRECT` (e4m3fn only): the 32-column steps use `cvt32_direct` with the multipliers times
+/// `DIRECT_LHS_SCALE` (the caller checked them with `direct_fits` and cleared DAZ); their
+/// accumulators are kept in `DIRECT_ORDER` and put back in column order at the end; with one
+/// lhs row, four weight rows per pass (0.95-1.17x the speed of two from cache on Gemma3-270M's
+/// shapes, faster on the larger ones; docs/performance-notes.md).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
+unsafe fn kn_rows_impl<const E5: bool, const R: usize, const DIRECT: bool>(
     lhs: *const f32,
     ls: usize,
     kr: usize,
@@ -346,10 +380,48 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
     std::ptr::write_bytes(acc, 0, R * ncols);
     let c32 = ncols - ncols % 32;
     let mut nan = NanScan::new();
+    let (scale, order) = if DIRECT {
+        (DIRECT_LHS_SCALE, [0, 8, 16, 24])
+    } else {
+        (1.0, CVT32_ORDER)
+    };
     let mut kk = 0;
+    if DIRECT && R == 1 {
+        // One lhs row (decode): four weight rows per pass, the four accumulators of a step
+        // held in registers across them, so each is loaded and stored once per four rows.
+        while kk + 4 <= kr {
+            let p: [*const u8; 4] = std::array::from_fn(|i| w.add((kk + i) * ncols));
+            let a: [__m256; 4] = std::array::from_fn(|i| _mm256_set1_ps(*lhs.add(kk + i) * scale));
+            let mut c = 0;
+            while c < c32 {
+                // 128 bytes of the stream per step: two prefetches.
+                let ahead = p[0].wrapping_add(4 * c + KN_PREFETCH_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                let q = acc.add(c);
+                let mut s: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(q.add(8 * j)));
+                for (p, a) in p.iter().zip(&a) {
+                    let b = _mm256_loadu_si256(p.add(c) as *const __m256i);
+                    nan.add(b);
+                    let v = cvt32_direct(b);
+                    for j in 0..4 {
+                        s[j] = _mm256_fmadd_ps(*a, v[j], s[j]);
+                    }
+                }
+                for (j, s) in s.iter().enumerate() {
+                    _mm256_storeu_ps(q.add(8 * j), *s);
+                }
+                c += 32;
+            }
+            for (i, p) in p.iter().enumerate() {
+                kn_row_tail::<E5, R>(lhs.add(kk + i), ls, *p, c32, ncols, acc, tab);
+            }
+            kk += 4;
+        }
+    }
     while kk + 2 <= kr {
         let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
-        let a = pair_multipliers::<R>(lhs.add(kk), ls);
+        let a = pair_multipliers::<R>(lhs.add(kk), ls, scale);
         let mut c = 0;
         while c < c32 {
             // The pass reads rows kk and kk+1, which are adjacent: 64 bytes of the stream
@@ -361,10 +433,14 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
                 nan.add(b0);
                 nan.add(b1);
             }
-            let (v0, v1) = (cvt32::<E5>(b0), cvt32::<E5>(b1));
+            let (v0, v1) = if DIRECT {
+                (cvt32_direct(b0), cvt32_direct(b1))
+            } else {
+                (cvt32::<E5>(b0), cvt32::<E5>(b1))
+            };
             for (r, a) in a.iter().enumerate() {
                 for j in 0..4 {
-                    let q = acc.add(r * ncols + c + CVT32_ORDER[j]);
+                    let q = acc.add(r * ncols + c + order[j]);
                     let s = _mm256_fmadd_ps(a[0], v0[j], _mm256_loadu_ps(q));
                     _mm256_storeu_ps(q, _mm256_fmadd_ps(a[1], v1[j], s));
                 }
@@ -383,17 +459,35 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize>(
             if !E5 {
                 nan.add(b);
             }
-            let v = cvt32::<E5>(b);
+            let v = if DIRECT {
+                cvt32_direct(b)
+            } else {
+                cvt32::<E5>(b)
+            };
             for r in 0..R {
-                let a = _mm256_set1_ps(*lhs.add(r * ls + kk));
+                let a = _mm256_set1_ps(*lhs.add(r * ls + kk) * scale);
                 for (j, &v) in v.iter().enumerate() {
-                    let q = acc.add(r * ncols + c + CVT32_ORDER[j]);
+                    let q = acc.add(r * ncols + c + order[j]);
                     _mm256_storeu_ps(q, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(q)));
                 }
             }
             c += 32;
         }
         kn_row_tail::<E5, R>(lhs.add(kk), ls, p, c32, ncols, acc, tab);
+    }
+    if DIRECT {
+        for r in 0..R {
+            let mut c = 0;
+            while c < c32 {
+                let q = acc.add(r * ncols + c);
+                let mut block = [0.0f32; 32];
+                for (slot, &col) in DIRECT_ORDER.iter().enumerate() {
+                    block[col] = *q.add(slot);
+                }
+                std::ptr::copy_nonoverlapping(block.as_ptr(), q, 32);
+                c += 32;
+            }
+        }
     }
     E5 || !nan.found()
 }
@@ -461,8 +555,15 @@ unsafe fn fma16_rows<const R: usize, const C: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nk<const E5: bool, const R: usize, const C: usize, const FAST: bool>(
+unsafe fn nk<
+    const E5: bool,
+    const R: usize,
+    const C: usize,
+    const FAST: bool,
+    const DIRECT: bool,
+>(
     lhs: *const f32,
+    x: *const f32,
     k: usize,
     w: *const u8,
     ncols: usize,
@@ -473,9 +574,10 @@ unsafe fn nk<const E5: bool, const R: usize, const C: usize, const FAST: bool>(
 ) {
     let mut c = 0;
     while c + C <= ncols {
-        if !FAST || !nk_fast::<E5, R, C>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab) {
+        let w = w.add(c * k);
+        if !FAST || !nk_fast::<E5, R, C, DIRECT>(lhs, x, k, w, out.add(c), os, mul, c, tab) {
             // Not handled by the fast conversion (or NaN codes present): exact conversion.
-            nk_block::<E5, R, C>(lhs, k, w.add(c * k), out.add(c), os, mul, c, tab);
+            nk_block::<E5, R, C>(lhs, k, w, out.add(c), os, mul, c, tab);
         }
         c += C;
     }
@@ -552,6 +654,107 @@ unsafe fn cvt32<const E5: bool>(b: __m256i) -> [__m256; 4] {
     ]
 }
 
+/// Offsets, relative to the first of 32 codes, of the 32 f32 lanes `cvt32_direct` returns
+/// (vector `j`, lane `t`): `vpshufb` stays within 16-byte halves, so vector `j` holds codes
+/// `4j..4j+4` of each half.
+const DIRECT_ORDER: [usize; 32] = {
+    let mut o = [0; 32];
+    let mut slot = 0;
+    while slot < 32 {
+        let (j, t) = (slot / 8, slot % 8);
+        o[slot] = if t < 4 { 4 * j + t } else { 16 + 4 * j + t - 4 };
+        slot += 1;
+    }
+    o
+};
+
+/// 2^112: `cvt32_direct` yields value * 2^-120, so activations times this give products in
+/// the backend's 2^-8 domain.
+const DIRECT_LHS_SCALE: f32 = f32::from_bits((127 + 112) << 23);
+
+/// Activations below 2^15 in magnitude stay finite times `DIRECT_LHS_SCALE`.
+const DIRECT_MAX_LHS: f32 = 32768.0;
+
+/// Whether `cvt32_direct`'s GEMVs may take these activations: every finite one below
+/// `DIRECT_MAX_LHS` in magnitude (NaN and infinities stay what they are when scaled).
+fn direct_fits(x: &[f32]) -> bool {
+    x.iter().all(|v| v.abs() < DIRECT_MAX_LHS || !v.is_finite())
+}
+
+/// The first `k32` activations of each of the `rows` rows (stride `k`) times
+/// `DIRECT_LHS_SCALE`, each 32 in `DIRECT_ORDER`; None if `direct_fits` refuses them.
+fn direct_lhs(lhs: &[f32], rows: usize, k: usize, k32: usize) -> Option<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows * k32);
+    for r in 0..rows {
+        let row = &lhs[r * k..r * k + k32];
+        if !direct_fits(row) {
+            return None;
+        }
+        for block in row.chunks_exact(32) {
+            out.extend(DIRECT_ORDER.iter().map(|&c| block[c] * DIRECT_LHS_SCALE));
+        }
+    }
+    Some(out)
+}
+
+/// Runs `f` with MXCSR's denormals-are-zero flag cleared, restoring the caller's MXCSR after.
+/// `cvt32_direct` makes f32 subnormals of the e4m3fn subnormal codes, and threads that flush
+/// denormals (XLA's may) would read them as zero. Clearing DAZ returns to the floating-point
+/// environment Rust code is compiled for; nothing else in the register changes.
+#[cfg(target_arch = "x86_64")]
+fn with_denormal_inputs<T>(f: impl FnOnce() -> T) -> T {
+    const DAZ: u32 = 1 << 6;
+    struct Restore(u32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: `ldmxcsr` loads the 4 bytes of the MXCSR value saved below.
+            unsafe {
+                std::arch::asm!("ldmxcsr [{}]", in(reg) &self.0, options(nostack, readonly, preserves_flags));
+            }
+        }
+    }
+    let mut csr = 0u32;
+    // SAFETY: `stmxcsr` stores MXCSR into the 4 bytes of `csr`.
+    unsafe {
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+    }
+    if csr & DAZ == 0 {
+        return f();
+    }
+    let _restore = Restore(csr);
+    let cleared = csr & !DAZ;
+    // SAFETY: `ldmxcsr` loads the 4 bytes of `cleared`, the saved MXCSR without DAZ (a valid
+    // MXCSR value: no reserved bit set).
+    unsafe {
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &cleared, options(nostack, readonly, preserves_flags));
+    }
+    f()
+}
+
+/// 32 e4m3fn codes as four vectors of 8 f32 holding value * 2^-120 (in `DIRECT_ORDER`), NaN
+/// codes not decoded (the callers check with `NanScan`): each code goes to the top byte of a
+/// lane (`s eeee mmm` then 24 zeros), an arithmetic shift by 4 moves exponent and mantissa to
+/// f32's bits 26..20 and copies the sign into bits 31..27, and the mask keeps bits 31 and
+/// 26..0. Exponent field `eeee` (bias 7) read with f32's bias 127 is the 2^-120; code
+/// exponent 0 gives the f32 subnormal of the same mantissa, exact too.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn cvt32_direct(codes: __m256i) -> [__m256; 4] {
+    let keep = _mm256_set1_epi32(0x87FF_FFFFu32 as i32);
+    // Byte `4j + i` of each half to the top byte of dword `i`, zeros elsewhere.
+    let pick = |j: i8| {
+        let (i0, i1, i2, i3) = (4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3);
+        #[rustfmt::skip]
+        let m = _mm256_setr_epi8(
+            -1, -1, -1, i0, -1, -1, -1, i1, -1, -1, -1, i2, -1, -1, -1, i3,
+            -1, -1, -1, i0, -1, -1, -1, i1, -1, -1, -1, i2, -1, -1, -1, i3,
+        );
+        let top = _mm256_shuffle_epi8(codes, m);
+        _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32::<4>(top), keep))
+    };
+    [pick(0), pick(1), pick(2), pick(3)]
+}
+
 /// Looks for the e4m3fn NaN codes 0x7F and 0xFF among many codes: they are the largest signed
 /// and the largest unsigned byte, so a running signed and unsigned maximum finds them with two
 /// ops per 32 codes and no constant (and/cmpeq/or took three and a mask register, which the
@@ -584,11 +787,14 @@ impl NanScan {
 }
 
 /// NK block of `C` columns with `cvt32` over the depths that are a multiple of 32. Returns
-/// false (nothing written) if those hold e4m3fn NaN codes.
+/// false (nothing written) if those hold e4m3fn NaN codes. `DIRECT` (e4m3fn only): with
+/// `cvt32_direct`, reading those depths from `x`, the rows' first `k32` activations times
+/// `DIRECT_LHS_SCALE` in `DIRECT_ORDER` (row stride `k32`; see `direct_lhs`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
+unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize, const DIRECT: bool>(
     lhs: *const f32,
+    x: *const f32,
     k: usize,
     w: *const u8,
     out: *mut f32,
@@ -612,19 +818,29 @@ unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize>(
             if !E5 {
                 nan.add(b);
             }
-            let v = cvt32::<E5>(b);
+            let v = if DIRECT {
+                cvt32_direct(b)
+            } else {
+                cvt32::<E5>(b)
+            };
+            let (a, order) = if DIRECT {
+                (x.add(kk), [0, 8, 16, 24])
+            } else {
+                (lhs.add(kk), CVT32_ORDER)
+            };
+            let rs = if DIRECT { k32 } else { k };
             // e4m3fn, one row: a single chain per column (the C columns interleave, which
             // hides the FMA latency), so that with `NanScan` the accumulators, the converted
             // vectors and the constants fit in the 16 registers; two chains spilled and ran
             // 5-8 % slower. Otherwise two chains per column (e5m2 lost 2.5 % with one).
             let j = if R == 1 && !E5 { 0 } else { 1 };
             for (r, acc) in acc.iter_mut().enumerate() {
-                let a = lhs.add(r * k + kk);
-                let x = &mut acc[ci];
-                x[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[0])), v[0], x[0]);
-                x[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[1])), v[1], x[j]);
-                x[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[2])), v[2], x[0]);
-                x[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(CVT32_ORDER[3])), v[3], x[j]);
+                let a = a.add(r * rs);
+                let s = &mut acc[ci];
+                s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(order[0])), v[0], s[0]);
+                s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(order[1])), v[1], s[j]);
+                s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(order[2])), v[2], s[0]);
+                s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(order[3])), v[3], s[j]);
             }
         }
         kk += 32;
@@ -670,7 +886,7 @@ unsafe fn kn_rows_f32_impl<const R: usize>(
     let mut kk = 0;
     while kk + 2 <= kr {
         let (p0, p1) = (w.add(kk * ncols), w.add((kk + 1) * ncols));
-        let a = pair_multipliers::<R>(lhs.add(kk), ls);
+        let a = pair_multipliers::<R>(lhs.add(kk), ls, 1.0);
         let mut c = 0;
         while c < c8 {
             // As in `kn_rows_impl`: 64 bytes of the stream per step.
@@ -878,6 +1094,106 @@ unsafe fn micro_impl<const M: usize>(
                     v *= m[x];
                 }
                 *p = v;
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::fp8::decode;
+
+    /// Every non-NaN e4m3fn code through `cvt32_direct`, at each of the 32 positions: exactly
+    /// its value times 2^-120, in `DIRECT_ORDER`.
+    #[test]
+    fn direct_conversion_is_exact_for_every_code() {
+        let Some(_) = table() else {
+            println!("SKIPPED: direct conversion test (this CPU lacks AVX2/FMA/F16C)");
+            return;
+        };
+        for first in (0..256usize).step_by(32) {
+            let codes: [u8; 32] = std::array::from_fn(|i| (first + i) as u8);
+            let mut got = [0.0f32; 32];
+            // SAFETY: `table()` returned the AVX2 table, so the CPU has AVX2; the loads and
+            // stores stay inside `codes` and `got`.
+            unsafe { convert(&codes, &mut got) };
+            for (slot, &col) in DIRECT_ORDER.iter().enumerate() {
+                let want = decode(Format::E4m3fn, codes[col]) as f64;
+                if want.is_nan() {
+                    continue;
+                }
+                let got = got[slot] as f64 * 2f64.powi(120);
+                assert!(
+                    got == want && got.is_sign_negative() == want.is_sign_negative(),
+                    "code {:#04x}: {got} instead of {want}",
+                    codes[col]
+                );
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn convert(codes: &[u8; 32], out: &mut [f32; 32]) {
+        let v = cvt32_direct(_mm256_loadu_si256(codes.as_ptr() as *const __m256i));
+        for (j, v) in v.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), *v);
+        }
+    }
+
+    fn mxcsr() -> u32 {
+        let mut csr = 0u32;
+        // SAFETY: `stmxcsr` stores MXCSR into the 4 bytes of `csr`.
+        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
+        csr
+    }
+
+    fn set_mxcsr(csr: u32) {
+        // SAFETY: `ldmxcsr` loads a value read from MXCSR, with only FTZ/DAZ changed.
+        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly)) };
+    }
+
+    /// With MXCSR's flush-to-zero and denormals-are-zero set, as in threads that flush
+    /// denormals, subnormal codes still count in both GEMVs, and the caller's MXCSR is back
+    /// afterwards.
+    #[test]
+    fn subnormal_codes_count_when_the_thread_flushes_denormals() {
+        let Some(_) = table() else {
+            println!("SKIPPED: DAZ test (this CPU lacks AVX2/FMA/F16C)");
+            return;
+        };
+        let (k, n) = (64, 64);
+        // Codes 0x01..=0x07 with alternating signs, activations of one sign.
+        let w: Vec<u8> = (0..k * n)
+            .map(|i| (1 + i % 7) as u8 | ((i % 2) as u8) << 7)
+            .collect();
+        let x: Vec<f32> = (0..k).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
+        let value = |q: u8| decode(Format::E4m3fn, q) as f64;
+        // NK: column c is w[c*k..]; KN: column c is w[kk*n + c].
+        let nk_want: Vec<f64> = (0..n)
+            .map(|c| (0..k).map(|kk| x[kk] as f64 * value(w[c * k + kk])).sum())
+            .collect();
+        let kn_want: Vec<f64> = (0..n)
+            .map(|c| (0..k).map(|kk| x[kk] as f64 * value(w[kk * n + c])).sum())
+            .collect();
+        let saved = mxcsr();
+        let flushing = saved | (1 << 6) | (1 << 15);
+        set_mxcsr(flushing);
+        let mut nk = vec![f32::NAN; n];
+        let mut kn = vec![f32::NAN; n];
+        Avx2(()).gemv_nk(Format::E4m3fn, &x, 1, k, &w, n, &mut nk, n, Mul::ONE);
+        Avx2(()).kn_rows(Format::E4m3fn, &x, k, 1, k, &w, n, &mut kn);
+        let after = mxcsr();
+        set_mxcsr(saved);
+        assert_eq!(after, flushing, "the GEMVs must restore the caller's MXCSR");
+        // Both return sums in the 2^-8 domain (`E4M3_SCALED`).
+        for (what, got, want) in [("NK", &nk, &nk_want), ("KN", &kn, &kn_want)] {
+            for (c, (&g, &r)) in got.iter().zip(want.iter()).enumerate() {
+                let g = g as f64 * 256.0;
+                assert!(
+                    r != 0.0 && (g - r).abs() <= 1e-6 * r.abs(),
+                    "{what} column {c}: {g} instead of {r}"
+                );
             }
         }
     }

@@ -649,3 +649,53 @@ fn bf16_activations_match_the_reference_on_rounded_values() {
         }
     }
 }
+
+/// Activations of every magnitude up to 1e30 (the AVX2 e4m3fn GEMVs multiply activations by
+/// 2^112 when all are below 2^15, and must take the exact conversion otherwise), and weights
+/// that are all subnormal codes (f32 subnormals in that conversion), on every table.
+#[test]
+fn large_activations_and_subnormal_codes() {
+    let mut seed = 8000;
+    for (m, outer, k, inner) in [
+        (1, 1, 64, 64),
+        (1, 40, 96, 1),
+        (2, 24, 64, 1),
+        (2, 1, 33, 96),
+    ] {
+        for big in [0.0f32, 40000.0, 1e30] {
+            for subnormal_only in [false, true] {
+                seed += 1;
+                let c = Case {
+                    m,
+                    batch: 1,
+                    outer,
+                    k,
+                    inner,
+                    fmt: Format::E4m3fn,
+                    per_channel: seed % 2 == 0,
+                    threads: 1 + (seed % 2) as usize * 2,
+                };
+                let mut rng = Rng(seed);
+                let mut d = make(&c, seed);
+                if big > 0.0 {
+                    // One large activation per row, the others as drawn.
+                    for r in 0..m {
+                        d.lhs[r * k + (rng.next() as usize % k)] = big;
+                    }
+                }
+                if subnormal_only {
+                    // Codes 0x01..=0x07 and 0x81..=0x87: exponent field 0, nonzero mantissa.
+                    for w in d.w.iter_mut() {
+                        *w = (1 + rng.next() % 7) as u8 | ((rng.next() % 2) as u8) << 7;
+                    }
+                }
+                let want = reference(&c, &d);
+                assert!(want.iter().all(|v| v.is_finite() && *v != 0.0));
+                for (name, kern) in tables() {
+                    let what = format!("{name} (big {big}, subnormal only {subnormal_only})");
+                    compare(&c, &run(kern, &c, &d), &want, &what);
+                }
+            }
+        }
+    }
+}
