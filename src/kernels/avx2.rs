@@ -697,6 +697,30 @@ fn direct_lhs(lhs: &[f32], rows: usize, k: usize, k32: usize) -> Option<Vec<f32>
     Some(out)
 }
 
+/// MXCSR, the SSE/AVX floating-point control and status register of this thread.
+#[cfg(target_arch = "x86_64")]
+fn mxcsr() -> u32 {
+    let mut csr = 0u32;
+    // SAFETY: `stmxcsr` stores MXCSR into the 4 bytes of `csr`.
+    unsafe {
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+    }
+    csr
+}
+
+/// Loads `csr` into MXCSR.
+///
+/// # Safety
+/// `csr` must be a value read by [`mxcsr`] with at most its FTZ (bit 15) and DAZ (bit 6) flags
+/// changed: no reserved bit, no unmasked exception, and the rounding mode Rust code assumes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn set_mxcsr(csr: u32) {
+    // SAFETY: `ldmxcsr` loads the 4 bytes of `csr`, valid by the caller's contract.
+    unsafe {
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags));
+    }
+}
+
 /// Runs `f` with MXCSR's denormals-are-zero flag cleared, restoring the caller's MXCSR after.
 /// `cvt32_direct` makes f32 subnormals of the e4m3fn subnormal codes, and threads that flush
 /// denormals (XLA's may) would read them as zero. Clearing DAZ returns to the floating-point
@@ -707,27 +731,17 @@ fn with_denormal_inputs<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(u32);
     impl Drop for Restore {
         fn drop(&mut self) {
-            // SAFETY: `ldmxcsr` loads the 4 bytes of the MXCSR value saved below.
-            unsafe {
-                std::arch::asm!("ldmxcsr [{}]", in(reg) &self.0, options(nostack, readonly, preserves_flags));
-            }
+            // SAFETY: the MXCSR read before `f` ran.
+            unsafe { set_mxcsr(self.0) };
         }
     }
-    let mut csr = 0u32;
-    // SAFETY: `stmxcsr` stores MXCSR into the 4 bytes of `csr`.
-    unsafe {
-        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
-    }
+    let csr = mxcsr();
     if csr & DAZ == 0 {
         return f();
     }
     let _restore = Restore(csr);
-    let cleared = csr & !DAZ;
-    // SAFETY: `ldmxcsr` loads the 4 bytes of `cleared`, the saved MXCSR without DAZ (a valid
-    // MXCSR value: no reserved bit set).
-    unsafe {
-        std::arch::asm!("ldmxcsr [{}]", in(reg) &cleared, options(nostack, readonly, preserves_flags));
-    }
+    // SAFETY: the MXCSR just read, with DAZ cleared.
+    unsafe { set_mxcsr(csr & !DAZ) };
     f()
 }
 
@@ -1141,18 +1155,6 @@ mod tests {
         }
     }
 
-    fn mxcsr() -> u32 {
-        let mut csr = 0u32;
-        // SAFETY: `stmxcsr` stores MXCSR into the 4 bytes of `csr`.
-        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
-        csr
-    }
-
-    fn set_mxcsr(csr: u32) {
-        // SAFETY: `ldmxcsr` loads a value read from MXCSR, with only FTZ/DAZ changed.
-        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly)) };
-    }
-
     /// With MXCSR's flush-to-zero and denormals-are-zero set, as in threads that flush
     /// denormals, subnormal codes still count in both GEMVs, and the caller's MXCSR is back
     /// afterwards.
@@ -1178,13 +1180,15 @@ mod tests {
             .collect();
         let saved = mxcsr();
         let flushing = saved | (1 << 6) | (1 << 15);
-        set_mxcsr(flushing);
+        // SAFETY: the MXCSR just read with FTZ and DAZ set; restored below.
+        unsafe { set_mxcsr(flushing) };
         let mut nk = vec![f32::NAN; n];
         let mut kn = vec![f32::NAN; n];
         Avx2(()).gemv_nk(Format::E4m3fn, &x, 1, k, &w, n, &mut nk, n, Mul::ONE);
         Avx2(()).kn_rows(Format::E4m3fn, &x, k, 1, k, &w, n, &mut kn);
         let after = mxcsr();
-        set_mxcsr(saved);
+        // SAFETY: the MXCSR read at the start.
+        unsafe { set_mxcsr(saved) };
         assert_eq!(after, flushing, "the GEMVs must restore the caller's MXCSR");
         // Both return sums in the 2^-8 domain (`E4M3_SCALED`).
         for (what, got, want) in [("NK", &nk, &nk_want), ("KN", &kn, &kn_want)] {
