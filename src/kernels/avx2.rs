@@ -380,11 +380,8 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize, const DIRECT: bool>(
     std::ptr::write_bytes(acc, 0, R * ncols);
     let c32 = ncols - ncols % 32;
     let mut nan = NanScan::new();
-    let (scale, order) = if DIRECT {
-        (DIRECT_LHS_SCALE, [0, 8, 16, 24])
-    } else {
-        (1.0, CVT32_ORDER)
-    };
+    let scale = if DIRECT { DIRECT_LHS_SCALE } else { 1.0 };
+    let order = cvt32_offsets(DIRECT);
     let mut kk = 0;
     if DIRECT && R == 1 {
         // One lhs row (decode): four weight rows per pass, the four accumulators of a step
@@ -433,11 +430,7 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize, const DIRECT: bool>(
                 nan.add(b0);
                 nan.add(b1);
             }
-            let (v0, v1) = if DIRECT {
-                (cvt32_direct(b0), cvt32_direct(b1))
-            } else {
-                (cvt32::<E5>(b0), cvt32::<E5>(b1))
-            };
+            let (v0, v1) = (cvt32_any::<E5, DIRECT>(b0), cvt32_any::<E5, DIRECT>(b1));
             for (r, a) in a.iter().enumerate() {
                 for j in 0..4 {
                     let q = acc.add(r * ncols + c + order[j]);
@@ -459,11 +452,7 @@ unsafe fn kn_rows_impl<const E5: bool, const R: usize, const DIRECT: bool>(
             if !E5 {
                 nan.add(b);
             }
-            let v = if DIRECT {
-                cvt32_direct(b)
-            } else {
-                cvt32::<E5>(b)
-            };
+            let v = cvt32_any::<E5, DIRECT>(b);
             for r in 0..R {
                 let a = _mm256_set1_ps(*lhs.add(r * ls + kk) * scale);
                 for (j, &v) in v.iter().enumerate() {
@@ -769,6 +758,29 @@ unsafe fn cvt32_direct(codes: __m256i) -> [__m256; 4] {
     [pick(0), pick(1), pick(2), pick(3)]
 }
 
+/// The four vectors of 32 codes: `cvt32_direct` (e4m3fn, activations scaled by the caller) if
+/// `DIRECT`, else `cvt32`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn cvt32_any<const E5: bool, const DIRECT: bool>(b: __m256i) -> [__m256; 4] {
+    if DIRECT {
+        cvt32_direct(b)
+    } else {
+        cvt32::<E5>(b)
+    }
+}
+
+/// Where the four vectors of `cvt32_any` go, relative to the first of the 32 codes: `DIRECT`
+/// consumers keep their activations or accumulators in `DIRECT_ORDER`, so the vectors are
+/// consecutive; otherwise `CVT32_ORDER`.
+const fn cvt32_offsets(direct: bool) -> [usize; 4] {
+    if direct {
+        [0, 8, 16, 24]
+    } else {
+        CVT32_ORDER
+    }
+}
+
 /// Looks for the e4m3fn NaN codes 0x7F and 0xFF among many codes: they are the largest signed
 /// and the largest unsigned byte, so a running signed and unsigned maximum finds them with two
 /// ops per 32 codes and no constant (and/cmpeq/or took three and a mask register, which the
@@ -832,16 +844,9 @@ unsafe fn nk_fast<const E5: bool, const R: usize, const C: usize, const DIRECT: 
             if !E5 {
                 nan.add(b);
             }
-            let v = if DIRECT {
-                cvt32_direct(b)
-            } else {
-                cvt32::<E5>(b)
-            };
-            let (a, order) = if DIRECT {
-                (x.add(kk), [0, 8, 16, 24])
-            } else {
-                (lhs.add(kk), CVT32_ORDER)
-            };
+            let v = cvt32_any::<E5, DIRECT>(b);
+            let order = cvt32_offsets(DIRECT);
+            let a = if DIRECT { x.add(kk) } else { lhs.add(kk) };
             let rs = if DIRECT { k32 } else { k };
             // e4m3fn, one row: a single chain per column (the C columns interleave, which
             // hides the FMA latency), so that with `NanScan` the accumulators, the converted
