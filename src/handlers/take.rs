@@ -59,6 +59,9 @@ pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
             indices.len()
         )));
     }
+    if let Some(rs) = row_scales {
+        check_taken_row_scales(rs, &indices, rows)?;
+    }
     let row = |i: i64| {
         let r = i.clamp(0, rows - 1) as usize;
         let s = row_scales.map_or(scale, |rs| scale * rs[r]);
@@ -89,7 +92,7 @@ pub fn take(call: &mut Call<'_>) -> Result<(), FfiError> {
     Ok(())
 }
 
-/// Operand 2 (optional): one finite positive f32 scale per row of the table.
+/// Operand 2 (optional): one f32 scale per row of the table.
 fn row_scales<'a>(call: &Call<'a>, rows: i64) -> Result<Option<&'a [f32]>, FfiError> {
     if call.num_args() < 3 {
         return Ok(None);
@@ -103,17 +106,24 @@ fn row_scales<'a>(call: &Call<'a>, rows: i64) -> Result<Option<&'a [f32]>, FfiEr
             arg.dims()
         )));
     }
-    let scales = arg.slice::<f32>("operand 2 (row_scales)")?;
-    if let Some((r, s)) = scales
-        .iter()
-        .enumerate()
-        .find(|(_, s)| !(s.is_finite() && **s > 0.0))
-    {
-        return Err(FfiError::invalid(format!(
-            "operand 2 (row_scales): expected finite positive scales, got {s} at row {r}"
-        )));
+    Ok(Some(arg.slice::<f32>("operand 2 (row_scales)")?))
+}
+
+/// The scales of the rows the indices take must be finite and positive. Only those are read:
+/// checking the whole operand would scan one scale per table row on every call, a megabyte per
+/// decode step for Gemma 3's tied embedding, to take one row.
+fn check_taken_row_scales(scales: &[f32], indices: &[i64], rows: i64) -> Result<(), FfiError> {
+    for &i in indices {
+        let r = i.clamp(0, rows - 1) as usize;
+        let s = scales[r];
+        if !(s.is_finite() && s > 0.0) {
+            return Err(FfiError::invalid(format!(
+                "operand 2 (row_scales): expected finite positive scales, got {s} at row {r} \
+                 (taken by index {i})"
+            )));
+        }
     }
-    Ok(Some(scales))
+    Ok(())
 }
 
 fn copy_rows<D>(indices: &[i64], row_len: usize, dst: &mut [D], f: impl Fn(i64, &mut [D])) {

@@ -75,12 +75,22 @@ def test_take_row_scales_errors():
             ("operand 2 \\(row_scales\\): expected float32 \\[4\\] \\(one scale per table row\\), "
              "got float32 \\[3\\]", np.ones(3, np.float32)),
             ("operand 2 \\(row_scales\\): expected float32 \\[4\\] .*, got int32", np.ones(4, np.int32)),
-            ("operand 2 \\(row_scales\\): expected finite positive scales, got NaN at row 2",
-             np.array([1, 1, np.nan, 1], np.float32)),
-            ("operand 2 \\(row_scales\\): expected finite positive scales, got 0 at row 0",
-             np.array([0, 1, 1, 1], np.float32))]:
+            ("operand 2 \\(row_scales\\): expected finite positive scales, got 0 at row 0 "
+             "\\(taken by index 0\\)", np.array([0, 1, 1, 1], np.float32))]:
         with pytest.raises(jax.errors.JaxRuntimeError, match=match):
             call(out, table, idx, rs, scale=np.float32(1))
+    # Indices are clamped before their row's scale is checked.
+    for bad, shown in [(np.nan, "NaN"), (np.inf, "inf"), (-1.0, "-1")]:
+        rs = np.array([1, 1, 1, bad], np.float32)
+        with pytest.raises(jax.errors.JaxRuntimeError,
+                           match=f"got {shown} at row 3 \\(taken by index 7\\)"):
+            call(out, table, np.array([0, 7], np.int32), rs, scale=np.float32(1))
+    # Only the rows taken are read, so only their scales are checked: a NaN scale on row 2
+    # does not change rows 0 and 1.
+    rs = np.array([1, 2, np.nan, 1], np.float32)
+    table1 = np.ones((4, 3), ml_dtypes.float8_e4m3fn)
+    got = np.asarray(call(out, table1, idx, rs, scale=np.float32(1)))
+    np.testing.assert_array_equal(got, [[1, 1, 1], [2, 2, 2]])
     with pytest.raises(ValueError, match="fp8xla.take: `row_scales` must be float32 of shape"):
         ops.take(table, idx, 1.0, row_scales=np.ones(3, np.float32))
 
