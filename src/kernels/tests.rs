@@ -393,6 +393,36 @@ fn logits_gemv() {
     );
 }
 
+/// KN GEMVs wider than `KN_WIDE_PARTIAL` outputs (an untied LM head `[d, vocab]`), which take
+/// one row range per worker: one slab of an odd width, and more slabs than workers.
+#[test]
+fn wide_kn_gemv() {
+    for (seed, (m, batch, outer, k, inner, fmt, threads)) in [
+        (1, 1, 1, 640, 20001, Format::E4m3fn, 3),
+        (3, 2, 2, 33, 16385, Format::E5m2, 2),
+        (4, 1, 1, 7, 16400, Format::E4m3fn, 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check(
+            Case {
+                m,
+                batch,
+                outer,
+                k,
+                inner,
+                fmt,
+                per_channel: seed % 2 == 0,
+                threads,
+            },
+            700 + seed as u64,
+        );
+    }
+    check_f32(1, 1, 1, 130, 17001, 2, 710);
+    check_f32(3, 2, 1, 9, 16392, 3, 711);
+}
+
 /// `f32_matmul` against a float64 triple loop, on every ISA, from a NaN-poisoned output.
 fn check_f32(
     m: usize,
