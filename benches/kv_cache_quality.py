@@ -1,7 +1,7 @@
 """GPL-3 perplexity change from the FP8 KV cache (``kv_cache_dtype``).
 
     .venv/bin/python benches/kv_cache_quality.py --out kv-quality [--weights float32,rtn]
-        [--kv none,fp8_e4m3,fp8_e5m2,fp8_e4m3:v,fp8_e4m3+hk,fp8_e4m3+mk]
+        [--kv none,fp8_e4m3,fp8_e5m2,fp8_e4m3:v,fp8_e4m3+hk,fp8_e4m3+mk,fp8_e4m3+sk4,fp8_e4m3+ok]
 
 The GPL-3 protocol (:mod:`fp8xla.perplexity`) scores the model's forward pass, which has no KV
 cache. The FP8 cache's effect is measured there with the same quantization the cache applies:
@@ -42,6 +42,31 @@ def qdq_rows(x, fmt):
     s = amax / m
     s = jnp.where(s > 0, s, jnp.float32(1))
     return jnp.clip(x / s, -m, m).astype(dtype).astype(x.dtype) * s
+
+
+def qdq_rows_least_squares(x, fmt, steps=16):
+    """:func:`qdq_rows` with each row's scale chosen among ``amax / max * 2^(j / steps)``,
+    ``j < steps`` (one binade: past it the FP8 grid repeats), for the least squared error of
+    the row. The largest value is then no longer always stored exactly, but the large values
+    together are stored closer."""
+    import jax.numpy as jnp
+    from fp8xla import ops
+
+    name = {"fp8_e4m3": "e4m3fn", "fp8_e5m2": "e5m2"}[fmt]
+    dtype, m = ops.fp8_dtype(name), np.float32(ops.max_of(name))
+    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=-1, keepdims=True)
+    s0 = jnp.where(amax > 0, amax / m, jnp.float32(1))
+    best = best_err = None
+    for j in range(steps):
+        s = s0 * np.float32(2 ** (j / steps))
+        y = jnp.clip(x / s, -m, m).astype(dtype).astype(x.dtype) * s
+        err = jnp.sum(jnp.square(y - x), axis=-1, keepdims=True)
+        if best is None:
+            best, best_err = y, err
+        else:
+            best = jnp.where(err < best_err, y, best)
+            best_err = jnp.minimum(err, best_err)
+    return best
 
 
 def hadamard(n):
@@ -86,8 +111,15 @@ def key_means(model, passages, max_tokens=256):
     return [(s / count).astype(np.float32) for s in sums]
 
 
-def quantize_attention_reads(model, fmt, parts="kv", rotate_keys=False, key_mean=None):
+def quantize_attention_reads(model, fmt, parts="kv", rotate_keys=False, key_mean=None,
+                             float_key_positions=0, least_squares_keys=False):
     """Makes every attention layer of ``model`` read QDQ'd keys and/or values (``parts``).
+
+    ``float_key_positions``: the keys of the first positions (the BOS token and the first
+    words, which draw much of the attention: "attention sinks") are read unquantized, as a
+    cache that kept them in float32 beside the FP8 rows would.
+
+    ``least_squares_keys``: key rows use :func:`qdq_rows_least_squares`'s scales.
 
     ``rotate_keys``: each key row is multiplied by the orthonormal Hadamard matrix ``H``
     before it is quantized, and back after (a cache would store ``k H`` and read it with
@@ -107,10 +139,17 @@ def quantize_attention_reads(model, fmt, parts="kv", rotate_keys=False, key_mean
 
         def compute(q, k, v, attention_mask, *args, _plain=plain, _h=h, _m=mean, **kwargs):
             if "k" in parts:
+                k_in = k
                 if _m is not None:
                     k = qdq_rows(k - _m, fmt) + _m
+                elif least_squares_keys:
+                    k = qdq_rows_least_squares(k, fmt)
                 else:
                     k = qdq_rows(k, fmt) if _h is None else qdq_rows(k @ _h, fmt) @ _h
+                if float_key_positions:
+                    import jax.numpy as jnp
+                    kept = float_key_positions
+                    k = jnp.concatenate([k_in[:, :kept], k[:, kept:]], axis=1)
             if "v" in parts:
                 v = qdq_rows(v, fmt)
             return _plain(q, k, v, attention_mask, *args, **kwargs)
@@ -118,17 +157,22 @@ def quantize_attention_reads(model, fmt, parts="kv", rotate_keys=False, key_mean
         att._compute_attention = compute
 
 
+KEY_TRANSFORMS = ("hk", "mk", "sk1", "sk4", "ok")
+
+
 def parse_kv(spec):
     """``(format, parts, key transform)`` of a ``--kv`` entry: ``fp8_e4m3`` (keys and values),
-    with ``:k`` / ``:v`` (only those), and ``+hk`` (keys rotated) or ``+mk`` (keys centred on
-    their calibration mean; see :func:`quantize_attention_reads`): ``fp8_e4m3:k+mk``."""
+    with ``:k`` / ``:v`` (only those), and ``+hk`` (keys rotated), ``+mk`` (keys centred on
+    their calibration mean), ``+sk1`` / ``+sk4`` (the keys of the first 1 / 4 positions kept
+    float) or ``+ok`` (key scales for the least squared error); see
+    :func:`quantize_attention_reads`: ``fp8_e4m3:k+mk``."""
     fmt, _, rest = spec.partition(":") if ":" in spec else spec.partition("+")
     if ":" in spec:
         parts, _, transform = rest.partition("+")
     else:
         parts, transform = "", rest
     if fmt not in ("fp8_e4m3", "fp8_e5m2") or parts not in ("", "k", "v") or \
-            transform not in ("", "hk", "mk") or (spec.endswith("+")):
+            transform not in ("",) + KEY_TRANSFORMS or (spec.endswith("+")):
         raise SystemExit(f"unknown --kv entry {spec!r}")
     return fmt, parts or "kv", transform or None
 
@@ -164,8 +208,10 @@ def main(argv=None):
                 if transform == "mk":
                     from quality import calibration_passages
                     mean = key_means(model, calibration_passages(count=args.mean_passages))
-                quantize_attention_reads(model, fmt, parts, rotate_keys=transform == "hk",
-                                         key_mean=mean)
+                quantize_attention_reads(
+                    model, fmt, parts, rotate_keys=transform == "hk", key_mean=mean,
+                    float_key_positions={"sk1": 1, "sk4": 4}.get(transform, 0),
+                    least_squares_keys=transform == "ok")
             if weights == "rtn":
                 quantize_model(model, StaticQuantConfig(activation_dtype=None))
             elif weights != "float32":

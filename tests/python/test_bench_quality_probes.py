@@ -103,6 +103,26 @@ def test_kv_spec_parsing():
     assert kv_cache_quality.parse_kv("fp8_e4m3:v") == ("fp8_e4m3", "v", None)
     assert kv_cache_quality.parse_kv("fp8_e5m2:k+hk") == ("fp8_e5m2", "k", "hk")
     assert kv_cache_quality.parse_kv("fp8_e4m3+mk") == ("fp8_e4m3", "kv", "mk")
-    for bad in ("fp8_e4m3:x", "int8", "fp8_e4m3+hv", "fp8_e4m3:k+"):
+    assert kv_cache_quality.parse_kv("fp8_e4m3+sk4") == ("fp8_e4m3", "kv", "sk4")
+    assert kv_cache_quality.parse_kv("fp8_e4m3:k+ok") == ("fp8_e4m3", "k", "ok")
+    for bad in ("fp8_e4m3:x", "int8", "fp8_e4m3+hv", "fp8_e4m3:k+", "fp8_e4m3+sk"):
         with pytest.raises(SystemExit, match="unknown --kv entry"):
             kv_cache_quality.parse_kv(bad)
+
+
+def test_least_squares_key_scales_never_store_a_row_worse():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    k = (rng.normal(size=(300, 1, 64)) * rng.uniform(0.01, 50, size=(300, 1, 1))).astype(np.float32)
+    k[0] = 0  # an all-zero row stays zero
+    plain = np.asarray(kv_cache_quality.qdq_rows(jnp.asarray(k), "fp8_e4m3"))
+    best = np.asarray(kv_cache_quality.qdq_rows_least_squares(jnp.asarray(k), "fp8_e4m3"))
+    err_plain = np.sum((plain.astype(np.float64) - k) ** 2, axis=-1)
+    err_best = np.sum((best.astype(np.float64) - k) ** 2, axis=-1)
+    assert np.all(best[0] == 0)
+    assert np.all(err_best <= err_plain * (1 + 1e-6))
+    assert err_best.sum() < 0.9 * err_plain.sum()
+    # every stored value is still an e4m3 value times its row's scale: no row's largest value
+    # moves by more than one e4m3 step (1/8 relative) from the original
+    assert np.all(np.abs(np.abs(best).max(-1) - np.abs(k).max(-1)) <= np.abs(k).max(-1) / 8)
