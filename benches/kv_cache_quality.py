@@ -30,9 +30,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def qdq_rows(x, fmt):
+def qdq_rows(x, fmt, widen=1.0):
     """Each row (last dim) through FP8 with the scale amax(finite |row|) / max (1 for zeros),
-    as ``fp8xla_quantize_rows`` writes the cache."""
+    as ``fp8xla_quantize_rows`` writes the cache; times ``widen`` (>= 1) if given."""
     import jax.numpy as jnp
     from fp8xla import ops
 
@@ -40,32 +40,24 @@ def qdq_rows(x, fmt):
     dtype, m = ops.fp8_dtype(name), np.float32(ops.max_of(name))
     amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=-1, keepdims=True)
     s = amax / m
-    s = jnp.where(s > 0, s, jnp.float32(1))
+    s = jnp.where(s > 0, s, jnp.float32(1)) * np.float32(widen)
     return jnp.clip(x / s, -m, m).astype(dtype).astype(x.dtype) * s
 
 
 def qdq_rows_least_squares(x, fmt, steps=16):
-    """:func:`qdq_rows` with each row's scale chosen among ``amax / max * 2^(j / steps)``,
-    ``j < steps`` (one binade: past it the FP8 grid repeats), for the least squared error of
-    the row. The largest value is then no longer always stored exactly, but the large values
-    together are stored closer."""
+    """:func:`qdq_rows` with each row's scale widened by ``2^(j / steps)``, ``j < steps`` (one
+    binade: past it the FP8 grid repeats), whichever gives the row the least squared error.
+    The largest value is then no longer always stored exactly, but the large values together
+    are stored closer."""
     import jax.numpy as jnp
-    from fp8xla import ops
 
-    name = {"fp8_e4m3": "e4m3fn", "fp8_e5m2": "e5m2"}[fmt]
-    dtype, m = ops.fp8_dtype(name), np.float32(ops.max_of(name))
-    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=-1, keepdims=True)
-    s0 = jnp.where(amax > 0, amax / m, jnp.float32(1))
-    best = best_err = None
-    for j in range(steps):
-        s = s0 * np.float32(2 ** (j / steps))
-        y = jnp.clip(x / s, -m, m).astype(dtype).astype(x.dtype) * s
+    best = qdq_rows(x, fmt)
+    best_err = jnp.sum(jnp.square(best - x), axis=-1, keepdims=True)
+    for j in range(1, steps):
+        y = qdq_rows(x, fmt, 2 ** (j / steps))
         err = jnp.sum(jnp.square(y - x), axis=-1, keepdims=True)
-        if best is None:
-            best, best_err = y, err
-        else:
-            best = jnp.where(err < best_err, y, best)
-            best_err = jnp.minimum(err, best_err)
+        best = jnp.where(err < best_err, y, best)
+        best_err = jnp.minimum(err, best_err)
     return best
 
 
